@@ -1,0 +1,1 @@
+"""The streaming gRPC client and its command line (installed as ``flashportrait.client``)."""

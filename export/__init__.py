@@ -1,0 +1,1 @@
+"""ONNX export, TensorRT engine builds and weight preparation (installed as ``flashportrait.export``)."""

@@ -1,0 +1,1 @@
+"""One module per golden kind: `run(case: GoldenCase) -> list[Comparison]`."""

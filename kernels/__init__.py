@@ -1,0 +1,1 @@
+"""Triton-language GPU kernels (installed as ``flashportrait.kernels``)."""
