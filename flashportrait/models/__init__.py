@@ -1,0 +1,1 @@
+"""Model definitions: every network of FlashPortrait, any size from an explicit config."""
