@@ -1,0 +1,1 @@
+"""Sampling: noise schedulers, context windows and the windowed denoising loop."""
