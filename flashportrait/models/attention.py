@@ -117,7 +117,9 @@ def _sdpa(q, k, v, k_lens, bias, scale, which: str) -> torch.Tensor:
     if k_lens is not None:
         mask = _key_mask(k_lens, k.shape[1], q.device)
         if bias is not None:
-            mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf")) + bias.to(q.dtype)
+            mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(
+                ~mask, float("-inf")
+            ) + bias.to(q.dtype)
     elif bias is not None:
         mask = bias.to(q.dtype)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
@@ -141,7 +143,9 @@ def _sdpa(q, k, v, k_lens, bias, scale, which: str) -> torch.Tensor:
 def _flash(q, k, v, k_lens, scale, which: str) -> torch.Tensor:
     module = _fa3() if which == "fa3" else _fa2()
     if module is None:
-        raise AttentionBackendError(f"attention backend {which} is not installed (pip install the 'gpu' extra)")
+        raise AttentionBackendError(
+            f"attention backend {which} is not installed (pip install the 'gpu' extra)"
+        )
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise AttentionBackendError(f"attention backend {which} needs float16/bfloat16 inputs, got {q.dtype}")
     b, lq, h, d = q.shape
@@ -174,7 +178,9 @@ def attention(
 ) -> torch.Tensor:
     """Multi-head attention; see the module docstring for layouts and backends."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention expects [B, L, H, D] tensors, got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+        raise ValueError(
+            f"attention expects [B, L, H, D] tensors, got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
+        )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     name = backend or _default_backend or _choose(q, bias)
     if name not in BACKENDS:
