@@ -11,8 +11,9 @@ Backends, fastest first on a Hopper GPU: FlashAttention-3 (`flash_attn_interface
 through PyTorch SDPA, FlashAttention-2 (`flash_attn`), SDPA's own flash kernel, SDPA's memory-efficient
 kernel, SDPA math. On the CPU, and whenever float32/float64 inputs reach it without an explicit backend,
 the `exact` backend runs plain softmax(q k^T * scale) v in the input precision: the arithmetic the
-golden vectors were produced with. A requested backend that cannot serve a call (missing package, a
-bias with FlashAttention, float32 with FlashAttention) is an error, not a silent fallback.
+golden vectors were produced with. A requested backend (argument or `set_default_backend`) that
+cannot serve a call (missing package, a bias with FlashAttention, float32 with FlashAttention) is an
+error, not a silent fallback; the automatic choice moves on to the next backend instead.
 """
 
 from __future__ import annotations
@@ -80,16 +81,22 @@ def default_backend() -> str | None:
     return _default_backend
 
 
-def _choose(q: torch.Tensor, bias: torch.Tensor | None) -> str:
+def _candidates(q: torch.Tensor, bias: torch.Tensor | None) -> list[str]:
+    """Backends `auto` tries, fastest first; the last one always serves."""
     if q.device.type != "cuda" or q.dtype in (torch.float32, torch.float64):
-        return "exact"
+        return ["exact"]
+    names = []
     for name in _AUTO_ORDER:
         if name == "fa3" and (_fa3() is None or bias is not None):
             continue
         if name == "fa2" and (_fa2() is None or bias is not None):
             continue
-        return name
-    return "sdpa"
+        names.append(name)
+    return [*names, "sdpa"]
+
+
+def _choose(q: torch.Tensor, bias: torch.Tensor | None) -> str:
+    return _candidates(q, bias)[0]
 
 
 def _key_mask(k_lens: torch.Tensor, lk: int, device: torch.device) -> torch.Tensor:
@@ -182,11 +189,25 @@ def attention(
             f"attention expects [B, L, H, D] tensors, got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    name = backend or _default_backend or _choose(q, bias)
-    if name not in BACKENDS:
-        raise AttentionBackendError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
     if k_lens is not None and not isinstance(k_lens, torch.Tensor):
         k_lens = torch.as_tensor(k_lens, device=q.device)
+    name = backend or _default_backend
+    if name is not None:
+        return _run(name, q, k, v, k_lens, bias, scale)
+    # Automatic choice: a fast kernel that cannot serve this call (a key mask for SDPA's flash
+    # kernel, an unsupported head size for cuDNN) hands over to the next one.
+    *fast, last = _candidates(q, bias)
+    for candidate in fast:
+        try:
+            return _run(candidate, q, k, v, k_lens, bias, scale)
+        except AttentionBackendError:
+            continue
+    return _run(last, q, k, v, k_lens, bias, scale)
+
+
+def _run(name, q, k, v, k_lens, bias, scale) -> torch.Tensor:
+    if name not in BACKENDS:
+        raise AttentionBackendError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
     if name == "exact":
         return _exact(q, k, v, k_lens, bias, scale)
     if name in ("fa3", "fa2"):

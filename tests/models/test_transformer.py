@@ -304,3 +304,30 @@ def test_bfloat16_weights_keep_float32_islands():
     # Same weights, bf16 matmuls: bf16-level agreement (measured 0.5% relative here).
     rel = (out - ref).norm() / ref.norm()
     assert rel < 0.02, rel
+
+
+# ---------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_bfloat16_forward_matches_cpu_float32():
+    from flashportrait.models.attention import available_backends, default_backend, set_default_backend
+
+    cfg = tiny_config(dim=128, num_heads=2, ffn_dim=256)  # head dim 64: served by every kernel
+    weights = random_dit(cfg, seed=3, dtype=torch.bfloat16)
+    cpu = random_dit(cfg, seed=3, dtype=torch.bfloat16).float()
+    gpu = weights.to("cuda")
+    inputs = tiny_inputs(cfg, batch=2)
+    context = torch.randn(2, 5, cfg.text_dim)
+    with torch.no_grad():
+        want = cpu(**inputs, context=context)
+        before = default_backend()
+        try:
+            for name in [b for b in available_backends("cuda") if b not in ("exact",)]:
+                set_default_backend(name)
+                out = gpu(**{k: v.cuda() for k, v in inputs.items()}, context=context.cuda()).cpu()
+                assert torch.isfinite(out).all(), name
+                assert (out - want).norm() / want.norm() < 0.02, name
+        finally:
+            set_default_backend(before)
