@@ -34,7 +34,8 @@ class ParameterContainer(nn.Module):
             )
 
 
-def _container(params: TensorSource, dtype: torch.dtype) -> ParameterContainer:
+def parameter_container(params: TensorSource, dtype: torch.dtype) -> ParameterContainer:
+    """A `ParameterContainer` holding a private copy of `params` (strictly loaded) in `dtype`."""
     module = ParameterContainer(params.shapes())
     load_into(module, params, strict=True, dtype=dtype, device="cpu")
     # Loaded tensors may share memory with the case's (cached) tensors; the merge works in place.
@@ -68,7 +69,7 @@ def run(case: GoldenCase) -> list[Comparison]:
     merge_call = case.call["apply_step_distill_lora"]
     dtype = getattr(torch, merge_call.get("dtype", "float32"))
     for strength in merge_call["strength"]:
-        module = _container(params, dtype)
+        module = parameter_container(params, dtype)
         report = merge_lora(module, lora_path, strength=float(strength))
         results += _check_report(f"s{strength}", report, case)
         results += _compare_params(case, module, f"merged_s{strength}", rtol, atol)
@@ -76,7 +77,7 @@ def run(case: GoldenCase) -> list[Comparison]:
     bf16 = case.call.get("bf16_variant")
     if bf16 is not None:
         strength = float(bf16["strength"])
-        module = _container(params, torch.bfloat16)
+        module = parameter_container(params, torch.bfloat16)
         report = merge_lora(module, lora_path, strength=strength)  # computed in bf16, as the reference
         results += _check_report(f"bf16_s{strength}", report, case)
         tol = case.tolerance.get("bf16", {})
