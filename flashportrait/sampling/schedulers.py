@@ -216,7 +216,8 @@ class FlowUniPCScheduler(_MultistepScheduler):
 
     Schedule: a solver built with shift 1 and then `set_timesteps(N, shift=shift)`, so sigmas are
     `shift(linspace(0.999, 0, N + 1)[:N])` (the training grid starts at 1 - 1/1000, so the first
-    timestep is 999) and timesteps are int64. UniPC: Zhao et al. 2023, arXiv 2302.04867 (bh2: B(h) = expm1(-h)).
+    timestep is 999) and timesteps are int64. UniPC: Zhao et al. 2023, arXiv 2302.04867 (variant bh2,
+    B(h) = expm1(-h)).
     """
 
     def __init__(self, num_steps: int, shift: float = 5.0, num_train_timesteps: int = 1000):
