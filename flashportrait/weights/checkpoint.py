@@ -164,7 +164,9 @@ class InMemorySource(TensorSource):
 class RenamedSource(TensorSource):
     """A view of another source with keys rewritten by `rename` (return None to hide a key)."""
 
-    def __init__(self, source: TensorSource, rename: Callable[[str], str | None], description: str | None = None):
+    def __init__(
+        self, source: TensorSource, rename: Callable[[str], str | None], description: str | None = None
+    ):
         self.source = source
         self.description = description or source.description
         self._map: dict[str, str] = {}
@@ -217,6 +219,14 @@ def _preview(keys: Sequence[str], limit: int = 8) -> str:
 
 
 def _load_pickle(path: Path) -> Mapping:
+    if path.name.endswith(".safetensors"):
+        # torch.load (2.13) hands paths with this suffix to the safetensors reader; the content
+        # says pickle, so read it through a file object (no memory map for this odd naming).
+        try:
+            with path.open("rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from exc
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as exc:
@@ -273,12 +283,16 @@ def open_sharded_safetensors(path: str | Path) -> TensorSource:
     try:
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
     except (KeyError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{index} is not a safetensors index (needs a 'weight_map' object): {exc}") from exc
+        raise CheckpointError(
+            f"{index} is not a safetensors index (needs a 'weight_map' object): {exc}"
+        ) from exc
     shard_names = sorted(set(weight_map.values()))
     missing = [n for n in shard_names if not (folder / n).is_file()]
     if missing:
         raise CheckpointError(f"{index} names shard(s) that are not in {folder}: {missing}")
-    merged = MergedSource([SafetensorsFile(folder / n) for n in shard_names], override=False, description=str(folder))
+    merged = MergedSource(
+        [SafetensorsFile(folder / n) for n in shard_names], override=False, description=str(folder)
+    )
     for key, shard in weight_map.items():
         if key not in merged:
             raise CheckpointError(f"{index} lists {key!r} in {shard}, but that shard does not hold it")
@@ -307,7 +321,9 @@ def open_checkpoint(path: str | Path, *, unwrap_state_dict: bool = True) -> Tens
     raise CheckpointError(f"{path} is neither a safetensors file nor a torch checkpoint")
 
 
-def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
+) -> None:
     """Write `tensors` to `path` (contiguous CPU copies are made one at a time by safetensors)."""
     from safetensors.torch import save_file
 
