@@ -309,17 +309,18 @@ class TextEncoder:
     def encode(self, prompts: str | Sequence[str]) -> list[torch.Tensor]:
         """-> one [L_i, dim] tensor per prompt, in the encoder's dtype and device."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        todo = list(dict.fromkeys(p for p in prompts if p not in self.cache))
-        fresh: dict[str, torch.Tensor] = {}
+        # take the hits first: storing the fresh results below may evict them
+        found = {p: e for p in dict.fromkeys(prompts) if (e := self.cache.get(p)) is not None}
+        todo = [p for p in dict.fromkeys(prompts) if p not in found]
         if todo:
             device = self.encoder.token_embedding.weight.device
             batch = self.tokenizer(todo)
             hidden = self.encoder(batch.input_ids.to(device), batch.attention_mask.to(device))
             for prompt, emb in zip(todo, trim_to_lengths(hidden, batch.lengths), strict=True):
                 # clone: a view would keep the whole padded [L, D] batch alive in the cache
-                fresh[prompt] = emb.clone()
-                self.cache.put(prompt, fresh[prompt])
-        return [fresh[p] if p in fresh else self.cache.get(p) for p in prompts]
+                found[prompt] = emb.clone()
+                self.cache.put(prompt, found[prompt])
+        return [found[p] for p in prompts]
 
     def encode_padded(self, prompts: str | Sequence[str], length: int | None = None) -> torch.Tensor:
         """-> [B, length, dim] zero-padded (length defaults to the tokenizer's max length, 512)."""

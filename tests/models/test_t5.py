@@ -229,6 +229,11 @@ def test_text_encoder_trims_pads_and_caches(tokenizer_folder):
     encoder.register_forward_hook(lambda *args: calls.append(1))
     again = text.encode("A man talks")
     assert calls == [] and again[0] is out[1]
+    # more new prompts than the cache holds: the hits are still returned
+    new = ["Der Mann spricht", "A woman smiles"]
+    mixed = text.encode(["A man talks", *new])
+    assert mixed[0] is out[1]
+    assert [e.shape[0] for e in mixed[1:]] == tok(new).lengths.tolist()
     padded = text.encode_padded(["A man talks", "The girl is singing"])
     assert padded.shape == (2, 24, 32)
     assert torch.equal(padded[0, : lengths[1]], out[1]) and bool((padded[0, lengths[1] :] == 0).all())
