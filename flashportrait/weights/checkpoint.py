@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -70,6 +69,9 @@ class SafetensorsFile(TensorSource):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.description = str(self.path)
+        # Imported here so that models and benchmarks import on a machine with torch alone.
+        from safetensors import safe_open
+
         try:
             self._handle = safe_open(str(self.path), framework="pt", device="cpu")
         except FileNotFoundError as exc:
