@@ -7,6 +7,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from flashportrait.golden import GoldenCase
+from flashportrait.sampling.guidance import GuidanceConfig, combine_guidance, guidance_passes
 from flashportrait.sampling.schedulers import SchedulerConfig, build_scheduler
 from flashportrait.sampling.stepmajor import denoise_step_major
 from flashportrait.sampling.wavefront import (
@@ -309,3 +311,38 @@ def test_ten_minute_video_streams_like_a_twenty_second_one():
     assert (long_plan.latent_length, short_plan.latent_length) == (3750, 125)
     assert long_first == short_first  # same work before the first chunk
     assert long_peak <= short_peak * 1.03  # live latents within a few percent
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_replaying_the_golden_transformer_outputs_reproduces_every_step(golden_dir, streamed):
+    """pipeline_tiny run_i: with the recorded DiT outputs standing in for the model, our windows,
+    guidance, StepDistill steps and blends give the reference's latents after every step exactly, and
+    every window is fed exactly the latents the reference fed it."""
+    case = GoldenCase.load(golden_dir / "pipeline_tiny.json")
+    run, config = case.call["runs"]["run_i"], case.config
+    plan = plan_windows(config["latent_length"], config["context_size"], config["context_overlap"])
+    assert plan.windows() == run["windows_used"]
+    outputs = case.tensor("debug/run_i/transformer_output")  # [step, window, pass, 1, 16, C, h, w]
+    guidance = GuidanceConfig(run["emo_cfg_scale"], run["text_cfg_scale"], case.call["common"]["ip_scale"])
+    assert len(guidance_passes(guidance)) == outputs.shape[2] == run["num_transformer_passes_per_window_step"]
+    noise = case.tensor("input/noise_latents")
+    num_steps = outputs.shape[0]
+    after = [case.tensor(f"output/run_i/latents_after_step_{s}_no_bf16_cast") for s in range(num_steps)]
+
+    def replay(window, step, x):
+        fed = noise if step == 0 else after[step - 1]
+        assert torch.equal(x, fed[:, :, list(plan.window(window))])
+        return combine_guidance(guidance, list(outputs[step, window]))
+
+    scheduler = build_scheduler(SchedulerConfig(kind=run["scheduler"]))
+    if streamed:
+        steps: dict[int, list[StepLatents]] = {}
+        for event in run_wavefront(plan, replay, scheduler, noise, emit_steps=True):
+            if isinstance(event, StepLatents):
+                steps.setdefault(event.step, []).append(event)
+        ours = [_concat(steps[s]) for s in range(len(after))]
+    else:
+        ours = []
+        denoise_step_major(plan.windows(), replay, scheduler, noise, on_step=lambda s, x: ours.append(x))
+    for step, expected in enumerate(after):
+        assert torch.equal(ours[step], expected), f"step {step}"
