@@ -9,7 +9,9 @@ weights, except the time embedding, the modulation arithmetic and the output hea
 - `Fp32Linear`: matmuls in float32 whatever the weight dtype (time embedding, head);
 - `Fp32LayerNorm`: layer norms in float32 (autocast runs layer_norm in float32);
 - the residual stream is float32: in the reference `x + y * gate` promotes to float32 because the
-  modulation `e0` is float32, so from the first block on the stream is float32 there too.
+  modulation `e0` is float32, so from the first block on the stream is float32 there too. (We
+  convert the patch embedding's output at once; the reference's first norm1 sees it in bf16.)
+- the expression branch's statistics and mixing are taken in float32 (see `_mix_expression`).
 With float32 weights every path is plain float32, which is what the goldens were produced with.
 """
 

@@ -215,11 +215,16 @@ class WanDiT(nn.Module):
         seq_len: token count to pad to (>= F*H*W/prod(patch)); padded tokens are computed but masked
             as keys, and they shift the expression grouping exactly as in the reference.
         Returns [B, out_dim, F, H, W] float32.
+
+        Differences from the reference's signature: x and y are batched tensors (one grid for the
+        whole batch) instead of lists, and the expression branch groups queries by emo_proj's F,
+        which must equal the latent frame count (the reference takes it as `latents_num_frames`,
+        always equal to F in the pipeline); `emo_context_lens` is not taken (unused there).
         """
         cfg = self.config
-        b = x.shape[0]
+        b, _, frames, _, _ = x.shape
         device, dtype = self.device, self.dtype
-        tokens = self.patch_embedding(torch.cat([x, y], dim=1).to(dtype))
+        tokens = self.patch_embedding(torch.cat([x, y], dim=1).to(device=device, dtype=dtype))
         _, _, gf, gh, gw = tokens.shape
         n = gf * gh * gw
         seq_len = n if seq_len is None else int(seq_len)
@@ -246,7 +251,7 @@ class WanDiT(nn.Module):
         rope_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         rope = self.rope.get((gf, gh, gw), seq_len, cfg.head_dim, rope_dtype, device)
         k_lens = None if seq_len == n else torch.full((b,), n, dtype=torch.int64, device=device)
-        emo, scales = self._expression_inputs(emo_proj, ip_scale, b, gf)
+        emo, scales = self._expression_inputs(emo_proj, ip_scale, b, frames)
 
         for block in self.blocks:
             stream = block(stream, e0, rope, k_lens, ctx, emo, scales)

@@ -87,7 +87,12 @@ def run(case: GoldenCase) -> list[Comparison]:
         captured, remove, unknown = _capture(model, inter)
         try:
             with torch.no_grad():
-                out = model(**inputs, ip_scale=float(variant["ip_scale"]), seq_len=int(variant["seq_len"]))
+                seq_len = variant.get("seq_len")
+                out = model(
+                    **inputs,
+                    ip_scale=float(variant.get("ip_scale", 1.0)),
+                    seq_len=None if seq_len is None else int(seq_len),
+                )
         finally:
             remove()
         rtol, atol = case.rtol_atol(name)
