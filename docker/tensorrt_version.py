@@ -91,7 +91,9 @@ def python_version(distributions: Sequence[str] = PYTHON_DISTRIBUTIONS) -> tuple
             return release(metadata.version(name)), name
         except metadata.PackageNotFoundError:
             continue
-    raise TensorRTVersionError(f"none of the TensorRT Python distributions {list(distributions)} is installed")
+    raise TensorRTVersionError(
+        f"none of the TensorRT Python distributions {list(distributions)} is installed"
+    )
 
 
 def check(expected: str, library: str, python: str) -> list[str]:
