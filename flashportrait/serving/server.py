@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import dataclasses
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -30,6 +32,7 @@ from flashportrait.serving.triton_env import TritonInstall, locate_triton, serve
 # Log lines that mean a port was taken between choosing it and the server binding it.
 _PORT_CLASH = ("Address already in use", "failed to start", "Failed to start")
 _PR_SET_PDEATHSIG = 1
+_SHM_NAME = re.compile(r"flashportrait_(\d+)_[0-9a-f]{8}_")
 
 
 class ServerStartError(RuntimeError):
@@ -81,9 +84,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _pdeathsig_hook() -> Callable[[], None]:
+    """A `preexec_fn` asking the kernel to SIGKILL the child when its parent thread dies.
+
+    libc is loaded here, in the parent: the forked child only makes the one call (no imports, no
+    dlopen, which could deadlock on a lock another thread held at fork time).
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    return hook
 
 
 class TritonServer:
@@ -159,6 +171,7 @@ class TritonServer:
             raise ServerStartError(f"model repository {self.options.model_repository} is not a folder")
         if self.install is None:
             self.install = locate_triton(self.options.binary)
+        remove_stale_shm()
         if self.log_path is None:
             handle, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(handle)
@@ -209,7 +222,7 @@ class TritonServer:
                 env=server_environment(self.install),
                 # Own process group: `stop` can kill the server and its Python stubs together.
                 start_new_session=True,
-                preexec_fn=_die_with_parent if self.options.die_with_parent else None,
+                preexec_fn=_pdeathsig_hook() if self.options.die_with_parent else None,
             )
 
     def log_text(self) -> str:
@@ -270,3 +283,25 @@ class TritonServer:
         if self._log_file_owned and self.log_path is not None:
             with contextlib.suppress(OSError):
                 self.log_path.unlink()
+
+
+def remove_stale_shm() -> None:
+    """Delete Python backend regions left in /dev/shm by launchers of ours that were killed.
+
+    Only names this module makes (`flashportrait_<launcher pid>_<8 hex>_...`) whose launcher process is
+    gone are removed; a live launcher's server cleans up after itself.
+    """
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return
+    for region in shm.iterdir():
+        found = _SHM_NAME.match(region.name)
+        if found is None:
+            continue
+        try:
+            os.kill(int(found.group(1)), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                region.unlink()
+        except PermissionError:
+            continue

@@ -34,6 +34,7 @@ import os
 import shutil
 import sys
 import sysconfig
+import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,11 +63,19 @@ class TritonInstall:
 
 
 def user_cache_dir() -> Path:
-    """`$FLASHPORTRAIT_CACHE`, else `$XDG_CACHE_HOME/flashportrait`, else `~/.cache/flashportrait`."""
+    """`$FLASHPORTRAIT_CACHE`, else `$XDG_CACHE_HOME/flashportrait`, else `~/.cache/flashportrait`; when
+    that cannot be created (a read-only home in CI), `<tmp>/flashportrait-<uid>`."""
     if os.environ.get("FLASHPORTRAIT_CACHE"):
         return Path(os.environ["FLASHPORTRAIT_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "flashportrait"
+    preferred = Path(base) / "flashportrait"
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return Path(tempfile.gettempdir()) / f"flashportrait-{os.getuid()}"
+    if not os.access(preferred, os.W_OK):
+        return Path(tempfile.gettempdir()) / f"flashportrait-{os.getuid()}"
+    return preferred
 
 
 def python_lib_dirs() -> tuple[Path, ...]:

@@ -40,7 +40,10 @@ class StreamingClient:
 
     def _ensure_stream(self) -> None:
         if not self.open:
-            self.client.start_stream(callback=lambda result, error: self.events.put((result, error)))
+            # A queue per stream: a cancelled stream's late "Locally cancelled" event stays in its own.
+            events: queue.Queue[tuple[object, InferenceServerException | None]] = queue.Queue()
+            self.events = events
+            self.client.start_stream(callback=lambda result, error: events.put((result, error)))
             self.open = True
 
     def send(self, model: str, inputs: Mapping[str, np.ndarray], request_id: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from flashportrait.serving.server import ServerOptions, ServerStartError, TritonServer
+from flashportrait.serving.server import ServerOptions, ServerStartError, TritonServer, remove_stale_shm
 from tests.serving.conftest import TEST_REPOSITORY, running_server
 
 pytestmark = pytest.mark.server
@@ -115,3 +115,22 @@ def test_serve_command_runs_until_interrupted() -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_stale_shared_memory_of_killed_launchers_is_removed() -> None:
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(finished.stdout)
+    stale = Path("/dev/shm") / f"flashportrait_{dead_pid}_0123abcd_region"
+    live = Path("/dev/shm") / f"flashportrait_{os.getpid()}_0123abcd_region"
+    other = Path("/dev/shm") / f"someone_else_{dead_pid}_region"
+    try:
+        for path in (stale, live, other):
+            path.write_bytes(b"x")
+        remove_stale_shm()
+        assert not stale.exists()
+        assert live.exists() and other.exists()
+    finally:
+        for path in (stale, live, other):
+            path.unlink(missing_ok=True)
