@@ -62,7 +62,7 @@ def test_examples_render_what_they_promise(deploy_tools: Tools) -> None:
     external = examples["external-metric"]
     (metric,) = _one(external, "HorizontalPodAutoscaler")["spec"]["metrics"]
     assert metric["type"] == "External"
-    assert metric["external"]["metric"]["selector"] == {"matchLabels": {"service": "flashportrait"}}
+    assert metric["external"]["metric"]["selector"] == {"matchLabels": {"model": "sampler"}}
     assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": "500m"}
     (service,) = (d for d in external if d["kind"] == "Service")
     assert "clusterIP" not in service["spec"]
