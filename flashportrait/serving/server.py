@@ -35,6 +35,27 @@ _PR_SET_PDEATHSIG = 1
 _SHM_NAME = re.compile(r"flashportrait_(\d+)_[0-9a-f]{8}_")
 
 
+def has_gpu() -> bool:
+    """Whether an NVIDIA driver is present (without touching CUDA)."""
+    return Path("/dev/nvidiactl").exists()
+
+
+def resolve_config_name(name: str | None) -> str | None:
+    """`--model-config-name` for a request: "auto" is "cpu" without a GPU (the `configs/cpu.pbtxt`
+    variants of the CPU server) and the plain `config.pbtxt` with one; "" means the plain one."""
+    if name == "auto":
+        return None if has_gpu() else "cpu"
+    return name or None
+
+
+def default_model_repository() -> Path | None:
+    """`$FLASHPORTRAIT_MODEL_REPOSITORY`, else the checkout's `model_repository/` (editable installs)."""
+    if os.environ.get("FLASHPORTRAIT_MODEL_REPOSITORY"):
+        return Path(os.environ["FLASHPORTRAIT_MODEL_REPOSITORY"])
+    checkout = Path(__file__).resolve().parents[2] / "model_repository"
+    return checkout if checkout.is_dir() else None
+
+
 class ServerStartError(RuntimeError):
     """The server exited or did not become ready; the message ends with the tail of its log."""
 
@@ -153,7 +174,7 @@ class TritonServer:
             f"--log-verbose={opts.log_verbose}",
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
         ]
-        gpu = opts.gpu if opts.gpu is not None else Path("/dev/nvidiactl").exists()
+        gpu = opts.gpu if opts.gpu is not None else has_gpu()
         if not gpu:
             cmd += ["--pinned-memory-pool-byte-size=0", "--allow-gpu-metrics=false"]
         if install.cache_dir is not None:
