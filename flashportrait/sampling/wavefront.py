@@ -230,13 +230,13 @@ def run_wavefront(
         out, states[w] = scheduler.step(denoiser(w, s, x), s, x, states[w])
         if w > 0 and s > 0:
             overlap = plan.overlaps[w]
-            weight = plan.blend_weights(w).to(device=out.device, dtype=out.dtype).view(1, 1, overlap, 1, 1)
-            prev = (
-                torch.cat([target[f] for f in range(start, start + overlap)], dim=2)
-                if overlap
-                else out[:, :, :0]
-            )
-            out[:, :, :overlap] = out[:, :, :overlap] * weight + prev * (1 - weight)
+            if overlap:
+                weight = (
+                    plan.blend_weights(w).to(device=out.device, dtype=out.dtype).view(1, 1, overlap, 1, 1)
+                )
+                # What window w-1 wrote at this step over the shared frames (the first `overlap` of w).
+                written = torch.cat([target[f] for f in range(start, start + overlap)], dim=2)
+                out[:, :, :overlap] = out[:, :, :overlap] * weight + written * (1 - weight)
             if blend_cast is BlendCast.BF16_ROUNDTRIP:
                 out = out.to(torch.bfloat16).to(torch.float32)
         for position, frame in enumerate(range(start, stop)):

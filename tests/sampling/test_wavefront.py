@@ -223,15 +223,17 @@ def test_first_final_frame_and_live_memory_do_not_grow_with_length(context, over
     # Until the first final frame only its dependency closure runs: the least work possible.
     assert first == _closure_size(reference_reads(long_plan.windows(), num_steps), (0, num_steps - 1))
     peak = _peak_live(long_plan, num_steps)
+    # The replaced last window's larger overlap can hold up to C more frames per step buffer at the end.
+    slack = (num_steps + 1) * context
     for n in (long_n + 1, long_n + context // 2 + 3, 3 * long_n + 7):
         plan = _plan_or_skip(n, context, overlap)
         assert _first_final_units(plan, num_steps) == first
-        assert _peak_live(plan, num_steps) <= peak + context  # the replaced last window may add < C
+        assert _peak_live(plan, num_steps) <= peak + slack
     for n in range(context, long_n, max(1, long_n // 8)):
         # Shorter videos: the replaced last window can join the closure, one more unit per step.
         plan = _plan_or_skip(n, context, overlap)
         assert _first_final_units(plan, num_steps) <= first + num_steps
-        assert _peak_live(plan, num_steps) <= peak + context
+        assert _peak_live(plan, num_steps) <= peak + slack
 
 
 def test_cancellation_stops_between_units():
