@@ -57,7 +57,7 @@ def test_first_chunk_arrives_before_the_last_is_computed(server: TritonServer) -
 def test_cancel_mid_stream_stops_the_work_and_the_next_request_succeeds(server: TritonServer) -> None:
     before = sample(scrape(server.metrics_url), "flashportrait_cancellations_total", **MODEL)
     with StreamingClient(server.grpc_url) as client:
-        client.send("stream_chunks", chunk_inputs(100, delay_ms=100), request_id="cancel-1")
+        client.send("stream_chunks", chunk_inputs(100, delay_ms=250), request_id="cancel-1")
         for _ in range(2):
             outputs, error, _final = client.next_response()
             assert error is None and outputs is not None
@@ -65,8 +65,9 @@ def test_cancel_mid_stream_stops_the_work_and_the_next_request_succeeds(server: 
     cancelled = re.compile(r"request cancel-1: cancelled by the client after (\d+) responses")
     assert wait_for(lambda: cancelled.search(server.log_text()) is not None), server.log_text()[-3000:]
     sent = int(cancelled.search(server.log_text()).group(1))
-    # Two responses were received before cancelling; at most the window in progress and one more
-    # already on its way complete after that, far from the 100 requested.
+    # Two responses were received before cancelling. The window in progress when the cancellation
+    # arrives still completes (typically the third), then no other starts; one more window of slack
+    # covers a slow client thread. Far from the 100 requested.
     assert 2 <= sent <= 4
     assert chunk_lines(server, "cancel-1") == list(range(1, sent + 1))
     assert wait_for(
