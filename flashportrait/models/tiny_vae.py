@@ -16,7 +16,9 @@ mode agrees to float rounding).
 `WanVAE_tiny.decode` around it: latents go in NORMALISED (`need_scaled: false` in the fast config;
 with `need_scaled` they are first de-normalised with the Wan constants), the output is clamped to
 [0, 1], the first `2**sum(time_upscale) - 1` = 3 frames are dropped and the rest mapped to [-1, 1]:
-T latent frames -> 4T - 3 frames, lined up with the Wan VAE's frames (see `decoding.py`).
+T latent frames -> 4T - 3 frames, lined up with the Wan VAE's frames (see `decoding.py`). We clamp in
+the module dtype as the reference does, but map to [-1, 1] in float32 (the reference maps in bf16,
+where `2x - 1` can round by one bf16 step; float32 is the exact value of the same formula).
 """
 
 from __future__ import annotations
@@ -265,11 +267,11 @@ def manifest_shapes(manifest: dict) -> dict[str, tuple[int, ...]]:
 def tiny_vae_source(source: TensorSource, model: TinyVaeDecoder) -> TensorSource:
     """The decoder's tensors of a TAEHV checkpoint, with the reference's `patch_tgrow_layers` applied
     (a TGrow conv with more output channels than ours keeps its LAST ones); refuses other files."""
-    decoder_keys = [k for k in source if k.startswith(DECODER_PREFIX)]
-    if not decoder_keys:
+    # TAEHV's decoder is an nn.Sequential: its first conv is `decoder.1` (the Wan VAE's is `decoder.conv1`).
+    if f"{DECODER_PREFIX}1.weight" not in source:
         raise CheckpointError(
             f"{source.description} is not a TAEHV tiny VAE checkpoint (fast_vae.pth): it has no "
-            f"decoder.* keys; its keys start {list(source)[:4]}"
+            f"{DECODER_PREFIX}1.weight; its keys start {list(source)[:4]}"
         )
     ours = module_tensor_shapes(model)
     tensors: dict[str, torch.Tensor] = {}

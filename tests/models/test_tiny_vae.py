@@ -17,6 +17,7 @@ from flashportrait.models.tiny_vae import (
     load_tiny_vae,
     manifest_shapes,
 )
+from flashportrait.models.wan_vae import WanVAE, WanVaeConfig
 from flashportrait.weights import CheckpointError, CheckpointMismatchError
 
 GOLDEN_CONFIG = TinyVaeConfig(decoder_widths=(32, 16, 8, 8))  # the golden case's reduced widths
@@ -170,12 +171,15 @@ def test_tgrow_patch_keeps_the_last_output_channels(tmp_path):
 
 
 def test_wrong_files_fail_clearly(tmp_path):
-    wan = tmp_path / "Wan2.1_VAE.pth"
-    torch.save(
-        {"encoder.conv1.weight": torch.zeros(4, 3, 3, 3, 3), "conv1.weight": torch.zeros(8, 8, 1, 1, 1)}, wan
-    )
+    wan = tmp_path / "Wan2.1_VAE.pth"  # the other VAE file of the release
+    torch.manual_seed(0)
+    torch.save(WanVAE(WanVaeConfig(base_channels=2, channel_multipliers=(1, 1, 1, 1))).state_dict(), wan)
     with pytest.raises(CheckpointError, match="not a TAEHV tiny VAE checkpoint"):
         load_tiny_vae(wan, SMALL)
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"notes\.pth"):
+        load_tiny_vae(text, SMALL)
     wider = tmp_path / "wider.pth"
     torch.save(_fast_vae_file(_random_decoder(GOLDEN_CONFIG), GOLDEN_CONFIG), wider)
     with pytest.raises(CheckpointMismatchError, match="shape mismatch"):
