@@ -20,6 +20,7 @@ stream with `TRITONSERVER_RESPONSE_COMPLETE_FINAL` on every path:
 Producers that run long units can call `stream.check_cancelled()` inside a unit (between denoising
 steps, say) to stop sooner; it raises `StreamCancelled`, handled like a cancellation between units.
 
+A complete example model: `tests/serving/model_repository/stream_chunks/1/model.py`.
 `triton_python_backend_utils` only exists inside a model process, so it is imported inside functions.
 """
 
