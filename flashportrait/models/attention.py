@@ -106,7 +106,12 @@ def _key_mask(k_lens: torch.Tensor, lk: int, device: torch.device) -> torch.Tens
 
 
 def _exact(q, k, v, k_lens, bias, scale) -> torch.Tensor:
-    # [B, H, Lq, D] x [B, H, D, Lk] in the inputs' own precision, softmax in that precision.
+    # [B, H, Lq, D] x [B, H, D, Lk]: float32/float64 inputs in their own precision (the goldens'
+    # arithmetic); half-precision inputs are computed in float32 and rounded once at the end, since a
+    # bf16 softmax would be far less accurate than every other backend.
+    out_dtype = q.dtype
+    if q.dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
     logits = torch.matmul(qh, kh.transpose(-1, -2)) * scale
     if bias is not None:
@@ -114,7 +119,7 @@ def _exact(q, k, v, k_lens, bias, scale) -> torch.Tensor:
     if k_lens is not None:
         logits = logits.masked_fill(~_key_mask(k_lens, k.shape[1], q.device), float("-inf"))
     weights = torch.softmax(logits, dim=-1)
-    return torch.matmul(weights, vh).transpose(1, 2)
+    return torch.matmul(weights, vh).transpose(1, 2).to(out_dtype)
 
 
 def _sdpa(q, k, v, k_lens, bias, scale, which: str) -> torch.Tensor:
