@@ -78,20 +78,17 @@ def points_crop_matrix(points: np.ndarray, base_angle=0.0, dst_size: int = 128, 
     the rotated points' longer extent to `dst_size * (1 - expand_ratio)` and centre them.
 
     Returns (matrix, centre_x, centre_y, scale)."""
-    x_min, x_max = np.min(points[:, 0]), np.max(points[:, 0])
-    y_min, y_max = np.min(points[:, 1]), np.max(points[:, 1])
+    (x_min, y_min), (x_max, y_max) = points.min(axis=0), points.max(axis=0)
     centre_x = (x_min + x_max) / 2
     centre_y = (y_min + y_max) / 2
     rotated = transform_points(
         points, cv2.getRotationMatrix2D((centre_x, centre_y), angle=base_angle, scale=1.0)
     )
-    width = np.max(rotated[:, 0]) - np.min(rotated[:, 0])
-    height = np.max(rotated[:, 1]) - np.min(rotated[:, 1])
+    width, height = rotated.max(axis=0) - rotated.min(axis=0)
     scale = dst_size / max(width, height) * (1 - expand_ratio)
     matrix = cv2.getRotationMatrix2D((centre_x, centre_y), angle=base_angle, scale=scale)
     scaled = transform_points(points, matrix)
-    scaled_x = (np.min(scaled[:, 0]) + np.max(scaled[:, 0])) / 2
-    scaled_y = (np.min(scaled[:, 1]) + np.max(scaled[:, 1])) / 2
+    scaled_x, scaled_y = (scaled.min(axis=0) + scaled.max(axis=0)) / 2
     matrix = matrix.copy()
     matrix[:, 2] += [dst_size / 2 - scaled_x, dst_size / 2 - scaled_y]
     return matrix, centre_x, centre_y, scale

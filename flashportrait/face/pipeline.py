@@ -14,8 +14,9 @@ a face is warped to its crop (reference: REFERENCE.md section 1.3; deviations: `
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from functools import partial
 from itertools import islice
 
 import numpy as np
@@ -44,7 +45,7 @@ class FaceFrontEndConfig:
     detector_model: str  # path of the release's face_det.onnx
     landmark_model: str  # path of the release's face_landmark.onnx
     providers: tuple[str, ...] = ("CPUExecutionProvider",)  # ONNX Runtime, in order of preference
-    intra_op_threads: int = 0  # 0: ONNX Runtime's default
+    intra_op_threads: int = 1  # these nets are small: more threads cost more than they gain (0: ORT default)
     chunk_frames: int = 16  # frames decoded and detected per batch (bounds memory)
     max_batch: int = 64  # largest batch per network call
     encoder_batch: int = 32  # crops per motion-encoder call in extract_features
@@ -132,18 +133,25 @@ def _no_face(frames: int, name: str) -> NoFaceError:
 class FaceFrontEnd:
     """The face models (ONNX Runtime sessions created once) and the streaming front end around them."""
 
-    def __init__(self, config: FaceFrontEndConfig) -> None:
+    def __init__(
+        self,
+        config: FaceFrontEndConfig,
+        detector: FaceDetector | None = None,
+        landmarks: LandmarkModel | None = None,
+    ) -> None:
+        """Sessions for `config`'s model files, unless a `detector` / `landmarks` model is given (tests,
+        other runtimes)."""
         self.config = config
-        det_session = create_session(config.detector_model, config.providers, config.intra_op_threads)
-        lmk_session = create_session(config.landmark_model, config.providers, config.intra_op_threads)
-        detector_config = config.detector
-        if detector_config.max_batch != config.max_batch:
-            detector_config = DetectorConfig(**{**detector_config.__dict__, "max_batch": config.max_batch})
-        self.detector = FaceDetector(det_session, detector_config)
-        self.landmarks = LandmarkModel(
-            lambda batch: run_batched(lmk_session, batch, config.max_batch), config.landmarks
-        )
-        self.providers = tuple(det_session.get_providers())
+        if detector is None:
+            session = create_session(config.detector_model, config.providers, config.intra_op_threads)
+            detector = FaceDetector(session, replace(config.detector, max_batch=config.max_batch))
+        if landmarks is None:
+            session = create_session(config.landmark_model, config.providers, config.intra_op_threads)
+            landmarks = LandmarkModel(
+                partial(run_batched, session, max_batch=config.max_batch), config.landmarks
+            )
+        self.detector = detector
+        self.landmarks = landmarks
 
     # -- streaming core --------------------------------------------------------------------------
     def track(self, frames: Iterable[np.ndarray]) -> Iterator[FrameResult]:
@@ -207,6 +215,10 @@ class FaceFrontEnd:
             chunks = list(self._aligned_chunks(self._frames(video), None, video.info))
             info = video.info
         return _concat(info, chunks)
+
+    def align_frames(self, frames: Iterable[np.ndarray], info: VideoInfo | None = None) -> AlignedVideo:
+        """Already decoded frames ([H, W, 3] uint8 BGR each), aligned like `align_video`."""
+        return _concat(info, list(self._aligned_chunks(frames, None, info)))
 
     def align_image(self, image_bgr: np.ndarray) -> AlignedVideo:
         """One still image ([H, W, 3] uint8 BGR) as a one-frame video; NoFaceError if it has no face."""
