@@ -153,9 +153,12 @@ def quantize_fp8_reference(
     if activation is not None:
         xf = apply_activation_reference(xf, activation)
     absmax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(FP8_MIN_ABSMAX)
-    inv = FP8_MAX / absmax
-    q = (xf * inv).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, absmax / FP8_MAX
+    # Tensor / tensor is a correctly rounded division on CPU and CUDA alike, as the kernel's div_rn:
+    # PyTorch computes `448 / t` as `t.reciprocal() * 448`, and CUDA `t / 448` as `t * (1 / 448)`,
+    # each rounded twice.
+    fp8_max = torch.full_like(absmax, FP8_MAX)
+    q = (xf * (fp8_max / absmax)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, absmax / fp8_max
 
 
 def dequantize_fp8_reference(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
