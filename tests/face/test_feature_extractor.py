@@ -1,0 +1,95 @@
+"""The motion encoder exported as the `feature_extractor` (export/motion_encoder.py): ONNX Runtime
+against PyTorch on real crops, dynamic batch, and TensorRT where it is installed.
+
+Weights: the golden case `fan_encoder` (full-size FanEncoder, random weights in the release's key
+layout). Crops: the face front end's crops of a real driving clip. Tolerance: the case's fp32 budget
+per head (20x the reference's own fp32-vs-fp64 error), see `FP32_TOLERANCE`; measured max relative
+error is ~1e-5.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+from flashportrait.export.motion_encoder import (
+    TensorRTUnavailable,
+    build_tensorrt_engine,
+    compare_features,
+    export_onnx,
+    onnx_features,
+    onnx_parity,
+    reference_features,
+)
+
+from flashportrait.face.video import VideoReader
+from flashportrait.golden import GoldenCase
+from flashportrait.models.motion_encoder import load_motion_encoder
+
+
+@pytest.fixture(scope="module")
+def encoder(golden_dir):
+    return load_motion_encoder(GoldenCase.load(golden_dir / "fan_encoder.json").params())[0]
+
+
+@pytest.fixture(scope="module")
+def real_crops(front_end, data_dir) -> np.ndarray:
+    with VideoReader(data_dir / "driving" / "liveportrait_d12.mp4") as video:
+        return front_end.align_frames(islice(video, 6)).crops
+
+
+@pytest.fixture(scope="module")
+def exported(encoder, tmp_path_factory):
+    return export_onnx(encoder, tmp_path_factory.mktemp("fx") / "model.onnx")
+
+
+def test_onnx_matches_pytorch_on_real_crops(encoder, exported, real_crops):
+    parity = onnx_parity(encoder, exported, real_crops)
+    assert parity.passed, "\n".join(parity.lines())
+    assert max(parity.max_rel.values()) < 1e-4, "\n".join(parity.lines())
+
+
+def test_dynamic_batch(exported, real_crops):
+    together = onnx_features(exported, real_crops)
+    alone = np.concatenate([onnx_features(exported, real_crops[i : i + 1]) for i in range(len(real_crops))])
+    assert together.shape == (len(real_crops), 554)
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_float_input_variant(encoder, real_crops, tmp_path):
+    from flashportrait.face.warp import encoder_input
+
+    path = export_onnx(encoder, tmp_path / "float.onnx", input_format="float")
+    parity = compare_features(
+        onnx_features(path, encoder_input(real_crops)), reference_features(encoder, real_crops)
+    )
+    assert parity.passed, "\n".join(parity.lines())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_tensorrt_missing_is_a_clear_error(exported, tmp_path):
+    with pytest.raises(TensorRTUnavailable, match="TensorRT is not installed"):
+        build_tensorrt_engine(exported, tmp_path / "model.plan")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+    reason="needs TensorRT and CUDA",
+)
+def test_tensorrt_fp16_engine(encoder, exported, real_crops, tmp_path):
+    from flashportrait.export.motion_encoder import TensorRTFeatureExtractor
+
+    plan = build_tensorrt_engine(exported, tmp_path / "model.plan", min_batch=1, opt_batch=4, max_batch=8)
+    run = TensorRTFeatureExtractor(plan)
+    ours = run(torch.from_numpy(real_crops).cuda()).cpu().numpy()
+    # fp16: 20x the fp32 budget (fp16 has ~2^13 times fp32's rounding, but errors average over channels)
+    parity = compare_features(
+        ours,
+        reference_features(encoder, real_crops),
+        scale=dict.fromkeys(("headpose", "eye", "emotion", "mouth"), 20.0),
+    )
+    assert parity.passed, "\n".join(parity.lines())
