@@ -86,10 +86,9 @@ def test_tensorrt_fp16_engine(encoder, exported, real_crops, tmp_path):
     plan = build_tensorrt_engine(exported, tmp_path / "model.plan", min_batch=1, opt_batch=4, max_batch=8)
     run = TensorRTFeatureExtractor(plan)
     ours = run(torch.from_numpy(real_crops).cuda()).cpu().numpy()
-    # fp16: 20x the fp32 budget (fp16 has ~2^13 times fp32's rounding, but errors average over channels)
-    parity = compare_features(
-        ours,
-        reference_features(encoder, real_crops),
-        scale=dict.fromkeys(("headpose", "eye", "emotion", "mouth"), 20.0),
-    )
-    assert parity.passed, "\n".join(parity.lines())
+    reference = reference_features(encoder, real_crops)
+    # fp16 engine: per head, normwise relative error under 3e-2 (fp16 rounding is 2^-11 per op; a wrong
+    # layout or preprocessing gives errors of order 1).
+    for head, lo, hi in (("headpose", 0, 6), ("eye", 6, 12), ("emotion", 12, 42), ("mouth", 42, 554)):
+        error = np.linalg.norm(ours[:, lo:hi] - reference[:, lo:hi]) / np.linalg.norm(reference[:, lo:hi])
+        assert error < 3e-2, f"{head}: normwise relative error {error:.3g}"
