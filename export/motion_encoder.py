@@ -11,7 +11,7 @@ expression vector out, so `face_align`'s output feeds it directly:
 
 The preprocessing inside the graph is the reference's `image_preprocess` (x/255*2-1), in float32
 instead of the reference's float64 (at most one float32 ulp on the input). The ONNX file is checked
-against the PyTorch module with ONNX Runtime on every export (`onnx_parity`); the tolerance is the
+against the PyTorch module with ONNX Runtime on every export (`compare_features`); the tolerance is the
 golden case `fan_encoder`'s fp32 budget (20x the fp32-vs-fp64 error of the reference itself).
 
 The TensorRT engine (fp16, one optimisation profile over the batch) is built with the `tensorrt`
@@ -141,9 +141,23 @@ def onnx_features(
     return session.run([OUTPUT_NAME], {INPUT_NAME: crops})[0]
 
 
-def onnx_parity(encoder: MotionEncoder, path: str | Path, crops_rgb: np.ndarray) -> Parity:
-    """ONNX Runtime (CPU) on the exported uint8 file vs the PyTorch reference, on crops [N, 224, 224, 3]."""
-    return compare_features(onnx_features(path, crops_rgb), reference_features(encoder, crops_rgb))
+def onnx_crop_encoder(path: str | Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+    """The exported uint8 file as a `CropEncoder` for `FaceFrontEnd.extract_features` (one session)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=list(providers))
+    return lambda crops: session.run([OUTPUT_NAME], {INPUT_NAME: crops})[0]
+
+
+def torch_crop_encoder(encoder: MotionEncoder, device: str | torch.device = "cpu"):
+    """The PyTorch encoder as a `CropEncoder`: crops [N, 224, 224, 3] uint8 RGB -> [N, 554] float32."""
+    module = FeatureExtractor(encoder.eval(), "uint8").to(device).eval()
+
+    def encode(crops: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(crops).to(device)).float().cpu().numpy()
+
+    return encode
 
 
 def _tensorrt():

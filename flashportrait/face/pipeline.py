@@ -21,6 +21,7 @@ from itertools import islice
 
 import numpy as np
 
+from flashportrait.config import ConfigError
 from flashportrait.face.detector import DetectorConfig, FaceDetector
 from flashportrait.face.errors import MediaError, NoFaceError
 from flashportrait.face.gaps import GapFiller, nearest_face_sources
@@ -34,7 +35,7 @@ from flashportrait.face.tracking import (
     align_new_faces,
 )
 from flashportrait.face.video import VideoInfo, VideoReader, VideoSource
-from flashportrait.face.warp import CROP_SIZE, pd_fgc_matrix, warp_face
+from flashportrait.face.warp import CROP_SIZE, pd_fgc_matrix, warp_with
 
 # Crops [n, 224, 224, 3] uint8 RGB -> features [n, D] float32 (the motion encoder: D = 554).
 CropEncoder = Callable[[np.ndarray], np.ndarray]
@@ -54,6 +55,13 @@ class FaceFrontEndConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     landmarks: LandmarkConfig = field(default_factory=LandmarkConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_frames", "max_batch", "encoder_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"FaceFrontEndConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_frames < 0 or self.intra_op_threads < 0:
+            raise ConfigError("FaceFrontEndConfig: max_frames and intra_op_threads cannot be negative")
 
 
 @dataclass(frozen=True)
@@ -168,10 +176,12 @@ class FaceFrontEnd:
             for frame_faces in faces:
                 result = tracker.step(frame_faces)
                 crop = None
-                if result is not None and np.isfinite(pd_fgc_matrix(result.points)).all():
-                    crop = np.ascontiguousarray(warp_face(frame_faces.frame, result.points)[..., ::-1])
-                else:
-                    result = None  # degenerate landmarks (all points equal): no usable face
+                if result is not None:
+                    matrix = pd_fgc_matrix(result.points)
+                    if np.isfinite(matrix).all():
+                        crop = np.ascontiguousarray(warp_with(frame_faces.frame, matrix)[..., ::-1])
+                    else:
+                        result = None  # degenerate landmarks (all 5 points equal): no usable face
                 yield FrameResult(index, result, crop)
                 index += 1
 

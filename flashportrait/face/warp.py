@@ -72,7 +72,11 @@ def warp_face(frame: np.ndarray, landmarks: np.ndarray, size: int = CROP_SIZE) -
 
     Bicubic, constant-zero border, as `warp_face_pd_fgc`.
     """
-    matrix = pd_fgc_matrix(landmarks, size)
+    return warp_with(frame, pd_fgc_matrix(landmarks, size), size)
+
+
+def warp_with(frame: np.ndarray, matrix: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """`frame` [H, W, 3] uint8 through the 2x3 `matrix` to [size, size, 3]: bicubic, zero border."""
     return cv2.warpAffine(frame, matrix, (size, size), flags=cv2.INTER_CUBIC)
 
 

@@ -20,9 +20,10 @@ from flashportrait.export.motion_encoder import (
     build_tensorrt_engine,
     compare_features,
     export_onnx,
+    onnx_crop_encoder,
     onnx_features,
-    onnx_parity,
     reference_features,
+    torch_crop_encoder,
 )
 
 from flashportrait.face.video import VideoReader
@@ -38,7 +39,12 @@ def encoder(golden_dir):
 @pytest.fixture(scope="module")
 def real_crops(front_end, data_dir) -> np.ndarray:
     with VideoReader(data_dir / "driving" / "liveportrait_d12.mp4") as video:
-        return front_end.align_frames(islice(video, 6)).crops
+        return front_end.align_frames(islice(video, 4)).crops
+
+
+@pytest.fixture(scope="module")
+def reference(encoder, real_crops) -> np.ndarray:
+    return reference_features(encoder, real_crops)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +52,28 @@ def exported(encoder, tmp_path_factory):
     return export_onnx(encoder, tmp_path_factory.mktemp("fx") / "model.onnx")
 
 
-def test_onnx_matches_pytorch_on_real_crops(encoder, exported, real_crops):
-    parity = onnx_parity(encoder, exported, real_crops)
+def test_onnx_matches_pytorch_on_real_crops(exported, real_crops, reference):
+    parity = compare_features(onnx_features(exported, real_crops), reference)
     assert parity.passed, "\n".join(parity.lines())
     assert max(parity.max_rel.values()) < 1e-4, "\n".join(parity.lines())
+
+
+def test_features_of_a_clip_through_the_exported_encoder(front_end, encoder, exported, data_dir):
+    from dataclasses import replace
+
+    from flashportrait.face.pipeline import FaceFrontEnd
+
+    short = FaceFrontEnd(
+        replace(front_end.config, max_frames=3, encoder_batch=2), front_end.detector, front_end.landmarks
+    )
+    path = data_dir / "driving" / "liveportrait_d19.mp4"
+    features = short.extract_features(path, onnx_crop_encoder(exported))
+    crops = short.align_video(path).crops
+    assert features.features.shape == (3, 554) and features.mask.all()
+    parity = compare_features(features.features, reference_features(encoder, crops))
+    assert parity.passed, "\n".join(parity.lines())
+    torch_features = short.extract_features(path, torch_crop_encoder(encoder))
+    np.testing.assert_allclose(torch_features.features, features.features, rtol=1e-4, atol=1e-3)
 
 
 def test_dynamic_batch(exported, real_crops):
@@ -80,13 +104,12 @@ def test_tensorrt_missing_is_a_clear_error(exported, tmp_path):
     importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
     reason="needs TensorRT and CUDA",
 )
-def test_tensorrt_fp16_engine(encoder, exported, real_crops, tmp_path):
+def test_tensorrt_fp16_engine(exported, real_crops, reference, tmp_path):
     from flashportrait.export.motion_encoder import TensorRTFeatureExtractor
 
     plan = build_tensorrt_engine(exported, tmp_path / "model.plan", min_batch=1, opt_batch=4, max_batch=8)
     run = TensorRTFeatureExtractor(plan)
     ours = run(torch.from_numpy(real_crops).cuda()).cpu().numpy()
-    reference = reference_features(encoder, real_crops)
     # fp16 engine: per head, normwise relative error under 3e-2 (fp16 rounding is 2^-11 per op; a wrong
     # layout or preprocessing gives errors of order 1).
     for head, lo, hi in (("headpose", 0, 6), ("eye", 6, 12), ("emotion", 12, 42), ("mouth", 42, 554)):
