@@ -35,12 +35,17 @@ def gelu_tanh(x):
 
 
 @triton.jit
-def quantize_row_values(v, absmax):
-    """float32 values of a row and its absmax -> (e4m3 grid values as float32, float32 scale)."""
+def fp8_row_scales(absmax):
+    """A row's absmax -> (448 / absmax, absmax / 448), correctly rounded (div_rn), with an all-zero
+    row given a tiny absmax so both stay finite."""
     absmax = tl.maximum(absmax, 1e-12)
-    inv = tl.math.div_rn(448.0, absmax)
-    q = round_e4m3(tl.minimum(tl.maximum(v * inv, -448.0), 448.0))
-    return q, tl.math.div_rn(absmax, 448.0)
+    return tl.math.div_rn(448.0, absmax), tl.math.div_rn(absmax, 448.0)
+
+
+@triton.jit
+def quantize_values(v, inv):
+    """float32 values times their row's 448 / absmax -> float32 values on the e4m3 grid."""
+    return round_e4m3(tl.minimum(tl.maximum(v * inv, -448.0), 448.0))
 
 
 @triton.jit
@@ -64,13 +69,13 @@ def _quantize_kernel(
         if GELU:
             v = gelu_tanh(v)
         absmax = tl.maximum(absmax, tl.abs(v))
-    row_absmax = tl.max(absmax, axis=0)
+    inv, scale = fp8_row_scales(tl.max(absmax, axis=0))
     for start in range(0, k, BLOCK):
         mask = start + offs < k
         v = tl.load(x_row + start + offs, mask=mask, other=0.0).to(tl.float32)
         if GELU:
             v = gelu_tanh(v)
-        q, scale = quantize_row_values(v, row_absmax)
+        q = quantize_values(v, inv)
         tl.store(q_ptr + row * stride_q_row + start + offs, q.to(tl.float8e4nv), mask=mask)
     tl.store(scale_ptr + row, scale)
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from flashportrait.kernels.fp8 import quantize_row_values
+from flashportrait.kernels.fp8 import fp8_row_scales, quantize_values
 from flashportrait.kernels.reference import FP8_DTYPE
 from flashportrait.kernels.rounding import cast_rne
 
@@ -99,8 +99,8 @@ def _residual_norm_kernel(
             h = h + tl.load(shift_ptr + sample * stride_shift + offs, mask=mask, other=0.0).to(tl.float32)
         if FP8_OUT:
             absmax = tl.max(tl.where(mask, tl.abs(h), 0.0), axis=0)
-            q, scale = quantize_row_values(h, absmax)
-            tl.store(h_ptr + base + offs, q.to(tl.float8e4nv), mask=mask)
+            inv, scale = fp8_row_scales(absmax)
+            tl.store(h_ptr + base + offs, quantize_values(h, inv).to(tl.float8e4nv), mask=mask)
             tl.store(h_scale_ptr + row, scale)
         else:
             tl.store(h_ptr + base + offs, cast_rne(h, h_ptr.dtype.element_ty), mask=mask)
