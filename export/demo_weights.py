@@ -11,9 +11,10 @@ The face models are the real ONNX files shipped in `flashportrait/assets/face/`.
 
 Weights are random, deterministic for a seed (each tensor has its own generator seeded from the seed,
 the file and the key, so values do not depend on writing order), and scaled so the tiny pipeline's
-activations stay finite and non-degenerate: matrices N(0, gain^2 / fan_in), biases N(0, 0.05^2), norm
+activations stay finite and non-degenerate: matrices N(0, 1 / fan_in), biases N(0, 0.05^2), norm
 scales 1 + N(0, 0.1^2), free parameters (modulations, class/position embeddings, resampler latents)
-N(0, 1 / last dim), BatchNorm statistics near (0, 1). The LoRA's updates are about 5% of the weights.
+N(0, 1 / last dim). The motion encoder's BatchNorm statistics are measured on random crops (see
+`calibrated_motion_encoder`). The LoRA's updates are about 5% of the weights.
 
 Storage dtypes follow the release where known (`pd_fpg.pth` and `fast_vae.pth` fp16, the umT5 file bf16
 as its name says); the Wan DiT shards, VAE and CLIP files are written in float32 and `transformer.pt`
@@ -33,6 +34,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from flashportrait.export.demo_tokenizer import write_tokenizer
 
 from flashportrait.components import DeploymentConfig, WeightPaths, wan_config_json
@@ -40,7 +42,7 @@ from flashportrait.components.layout import WAN_INDEX
 from flashportrait.models.clip import build_clip_vision, unused_shapes
 from flashportrait.models.dit_loading import flashportrait_only_keys
 from flashportrait.models.lora import RELEASE_PREFIX
-from flashportrait.models.motion_encoder import build_motion_encoder
+from flashportrait.models.motion_encoder import MotionEncoder, build_motion_encoder
 from flashportrait.models.portrait_encoder import PortraitEncoder
 from flashportrait.models.t5 import build_umt5_encoder
 from flashportrait.models.tiny_vae import TinyVaeDecoder, _encoder_shapes
@@ -51,9 +53,7 @@ from flashportrait.weights import module_tensor_shapes, save_safetensors
 WAN_SHARDS = 2  # the release has 7; two exercise the index and the cross-shard merge
 LORA_RANK = 4  # the release's is 64 (the file name keeps "rank64", as the loader expects the name)
 LORA_SCALE = 0.05  # size of a LoRA update relative to the weight it changes
-# PD-FGC's residual hourglass amplifies: gain 0.95 gives features of std ~1 (1.0 gives ~3, He's
-# sqrt(2) ~700); the ReLU TAEHV decoder at gain 1 gives frames of std ~0.5, a quarter clamped.
-MOTION_ENCODER_GAIN = 0.95
+CALIBRATION_CROPS = 2  # random crops whose statistics become the motion encoder's BatchNorm statistics
 
 # A tensor's spec: shape and dtype (integer buffers such as BatchNorm counters keep theirs).
 Spec = tuple[tuple[int, ...], torch.dtype]
@@ -62,10 +62,11 @@ _FREE_PARAMETERS = ("modulation", "cls_embedding", "pos_embedding", "latents")
 
 
 def _generator(seed: int, stream: str, key: str) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(f"{stream}/{key}".encode()))
+    # The CPU generator (mt19937) keeps only 32 bits of its seed, so everything goes into the hash.
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{stream}/{key}".encode()))
 
 
-def random_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator, gain: float = 1.0) -> torch.Tensor:
+def random_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """One float32 tensor, scaled by what the key is (see the module docstring)."""
     noise = torch.randn(shape, generator=gen)
     if key.endswith("running_var"):
@@ -79,17 +80,17 @@ def random_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator, gain: 
     fan_in = 1
     for d in shape[1:]:
         fan_in *= d
-    return noise * (gain / fan_in**0.5)
+    return noise * fan_in**-0.5
 
 
 def random_state(
-    specs: Mapping[str, Spec], *, seed: int, stream: str, dtype: torch.dtype, gain: float = 1.0
+    specs: Mapping[str, Spec], *, seed: int, stream: str, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """Random tensors for `specs`, floats stored in `dtype`, integer buffers zero."""
     out: dict[str, torch.Tensor] = {}
     for key, (shape, spec_dtype) in specs.items():
         if spec_dtype.is_floating_point:
-            out[key] = random_tensor(key, shape, _generator(seed, stream, key), gain).to(dtype)
+            out[key] = random_tensor(key, shape, _generator(seed, stream, key)).to(dtype)
         else:
             out[key] = torch.zeros(shape, dtype=spec_dtype)
     return out
@@ -192,13 +193,45 @@ def write_portrait_encoder(sizes: DeploymentConfig, paths: WeightPaths, seed: in
     )
 
 
+def calibrated_motion_encoder(sizes: DeploymentConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Random PD-FGC weights whose BatchNorm statistics are measured on random crops.
+
+    With arbitrary statistics the eval-mode network's 40-odd BatchNorms do not normalise, and its
+    features come out anywhere between 1e-2 and 1e3 and hardly depend on the input. Setting each
+    BatchNorm's statistics to those of its input on a batch of crops (one train-mode pass, cumulative
+    average) makes every feature O(1) and input dependent, as in a trained network.
+    """
+    config = sizes.motion_encoder
+    state = random_state(module_specs(build_motion_encoder(config)), seed=seed, stream="motion_encoder",
+                         dtype=torch.float32)  # fmt: skip
+    model = MotionEncoder(config)
+    model.load_state_dict(state)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative: after one batch, exactly that batch's statistics
+    gen = _generator(seed, "motion_encoder", "calibration crops")
+    # smooth random images (upsampled 8x8 noise), closer to face crops than pixel noise
+    coarse = torch.rand(CALIBRATION_CROPS, 3, 8, 8, generator=gen) * 2 - 1
+    crops = F.interpolate(coarse, size=(config.input_size, config.input_size), mode="bilinear")
+    with torch.no_grad():
+        model.train()(crops)
+        for module in model.modules():
+            # The heads' BatchNorm1d see one vector per crop: per-dimension variances of so few samples
+            # (near zero where the ReLU before them was off for all 4) blow up other inputs. Their
+            # second moment pooled over dimensions scales every input to O(1).
+            if isinstance(module, torch.nn.BatchNorm1d):
+                second_moment = module.running_var + module.running_mean.square()
+                module.running_var.fill_(second_moment.mean().item())
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def write_motion_encoder(sizes: DeploymentConfig, paths: WeightPaths, seed: int) -> None:
     """`pd_fpg.pth`: the FanEncoder state dict (BatchNorm statistics and counters included), fp16."""
-    specs = module_specs(build_motion_encoder(sizes.motion_encoder))
-    state = random_state(
-        specs, seed=seed, stream="motion_encoder", dtype=torch.float16, gain=MOTION_ENCODER_GAIN
+    state = calibrated_motion_encoder(sizes, seed)
+    _save_pickle(
+        {k: v.half() if v.is_floating_point() else v for k, v in state.items()}, paths.motion_encoder
     )
-    _save_pickle(state, paths.motion_encoder)
 
 
 def write_fast_vae(sizes: DeploymentConfig, paths: WeightPaths, seed: int) -> None:
