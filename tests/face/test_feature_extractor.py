@@ -39,7 +39,7 @@ def encoder(golden_dir):
 @pytest.fixture(scope="module")
 def real_crops(front_end, data_dir) -> np.ndarray:
     with VideoReader(data_dir / "driving" / "liveportrait_d12.mp4") as video:
-        return front_end.align_frames(islice(video, 4)).crops
+        return front_end.align_frames(islice(video, 3)).crops
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ The synthetic video loops a real clip (downscaled) for 60 s. The detector and la
 replaced by fast stand-ins (the golden case's synthetic raw detector heads and a fixed landmark
 template), so the test measures the streaming machinery (decode, batch, track, warp, fill, encode)
 rather than the networks, whose memory does not depend on the video length. The frame rate is low
-(5 fps, 300 frames) only to keep the test fast on 2 CPU cores: what is asserted, at most two chunks of
+(4 fps, 240 frames) only to keep the test fast on 2 CPU cores: what is asserted, at most two chunks of
 frames alive and a peak far below the decoded video's size, does not depend on the frame count.
 `bench/face.py --long-seconds 60` measures the same with the real models at 25 fps.
 """
@@ -29,7 +29,7 @@ from flashportrait.face.tracking import TrackerConfig
 from flashportrait.face.video import VideoReader
 from flashportrait.golden import GoldenCase
 
-SECONDS, FPS, SIZE = 60, 5, 160
+SECONDS, FPS, SIZE = 60, 4, 160
 
 
 class _FixedHeads:
