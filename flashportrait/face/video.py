@@ -132,13 +132,13 @@ class VideoReader:
         self._stream.thread_type = "AUTO"
         if threads:
             self._stream.thread_count = threads
+        self.frames_read = 0
         self._frames = self._decode()
         self._first = self._next_frame()
         if self._first is None:
             self.close()
             raise MediaError(f"{self._name} contains no decodable video frames (zero-length or corrupt)")
         self.info = self._describe_stream()
-        self.frames_read = 0
 
     def _decode(self):
         return self._container.decode(self._stream)
@@ -149,7 +149,8 @@ class VideoReader:
         except StopIteration:
             return None
         except av.FFmpegError as exc:
-            raise MediaError(f"{self._name} is corrupt: decoding failed ({exc})") from exc
+            where = f"after frame {self.frames_read}" if self.frames_read else "at the first frame"
+            raise MediaError(f"{self._name} is corrupt: decoding failed {where} ({exc})") from exc
 
     def _describe_stream(self) -> VideoInfo:
         stream = self._stream

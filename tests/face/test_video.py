@@ -140,6 +140,18 @@ def test_truncated_video_is_a_clear_error_or_decodes_a_prefix(tmp_path, data_dir
         assert 0 < frames < 250  # the moov atom is at the front: the readable prefix decodes
 
 
+def test_corruption_mid_file_is_a_clear_error(data_dir):
+    data = bytearray((data_dir / "driving" / "liveportrait_d19.mp4").read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 20000] = np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes()
+    with (
+        pytest.raises(MediaError, match=r"is corrupt: decoding failed after frame \d+"),
+        VideoReader(bytes(data)) as video,
+    ):
+        for _ in video:
+            pass
+
+
 def test_read_image(data_dir):
     image = read_image(data_dir / "negative" / "liveportrait_s36_alpaca.jpg")
     assert image.shape == (438, 1030, 3) and image.dtype == np.uint8
