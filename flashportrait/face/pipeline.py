@@ -35,7 +35,7 @@ from flashportrait.face.tracking import (
     align_new_faces,
 )
 from flashportrait.face.video import VideoInfo, VideoReader, VideoSource
-from flashportrait.face.warp import CROP_SIZE, pd_fgc_matrix, warp_with
+from flashportrait.face.warp import pd_fgc_matrix, warp_with
 
 # Crops [n, 224, 224, 3] uint8 RGB -> features [n, D] float32 (the motion encoder: D = 554).
 CropEncoder = Callable[[np.ndarray], np.ndarray]
@@ -211,6 +211,8 @@ class FaceFrontEnd:
             while len(pending) >= size:
                 yield _pack(pending[:size])
                 pending = pending[size:]
+        if filler.frames_seen == 0:
+            raise MediaError("the driving input has no frames")
         if not filler.any_face:
             raise _no_face(filler.frames_seen, "" if info is None else f" ({info.width}x{info.height})")
         pending += filler.finish()
@@ -278,9 +280,7 @@ def _pack(items) -> AlignedChunk:
 def _concat(info: VideoInfo | None, chunks: list[AlignedChunk]) -> AlignedVideo:
     return AlignedVideo(
         info=info,
-        crops=np.concatenate([c.crops for c in chunks])
-        if chunks
-        else np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8),
+        crops=np.concatenate([c.crops for c in chunks]),
         mask=np.concatenate([c.mask for c in chunks]),
         landmarks=np.concatenate([c.landmarks for c in chunks]),
         rects=np.concatenate([c.rects for c in chunks]),

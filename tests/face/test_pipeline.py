@@ -8,7 +8,7 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from flashportrait.face.errors import NoFaceError
+from flashportrait.face.errors import MediaError, NoFaceError
 from flashportrait.face.pipeline import FaceFrontEnd
 from flashportrait.face.video import VideoReader, read_image
 
@@ -29,6 +29,11 @@ def test_no_face_image_is_a_no_face_error(front_end, data_dir):
     image = read_image(data_dir / "negative" / "liveportrait_s36_alpaca.jpg")
     with pytest.raises(NoFaceError, match="no face found in the image"):
         front_end.align_image(image)
+
+
+def test_no_frames_is_a_media_error(front_end):
+    with pytest.raises(MediaError, match="no frames"):
+        front_end.align_frames([])
 
 
 def test_no_face_video_is_a_no_face_error(front_end, data_dir):
