@@ -14,7 +14,8 @@ the file and the key, so values do not depend on writing order), and scaled so t
 activations stay finite and non-degenerate: matrices N(0, 1 / fan_in), biases N(0, 0.05^2), norm
 scales 1 + N(0, 0.1^2), free parameters (modulations, class/position embeddings, resampler latents)
 N(0, 1 / last dim). The motion encoder's BatchNorm statistics are measured on random crops (see
-`calibrated_motion_encoder`). The LoRA's updates are about 5% of the weights.
+`calibrated_motion_encoder`) and the tiny decoder's last layer is scaled to mid-grey frames
+(`calibrated_tiny_vae_decoder`). The LoRA's updates are about 5% of the weights.
 
 Storage dtypes follow the release where known (`pd_fpg.pth` and `fast_vae.pth` fp16, the umT5 file bf16
 as its name says); the Wan DiT shards, VAE and CLIP files are written in float32 and `transformer.pt`
@@ -53,6 +54,11 @@ from flashportrait.weights import module_tensor_shapes, save_safetensors
 WAN_SHARDS = 2  # the release has 7; two exercise the index and the cross-shard merge
 LORA_RANK = 4  # the release's is 64 (the file name keeps "rank64", as the loader expects the name)
 LORA_SCALE = 0.05  # size of a LoRA update relative to the weight it changes
+# A random DiT's flow, amplified by the expression guidance (scale 4), drives the latents of a 4-step
+# generation to std ~2.6, where both decoders saturate most pixels; a smaller output head keeps them
+# near the unit scale of real latents.
+DIT_HEAD_SCALE = 0.25
+FRAME_STD = 0.2  # the tiny decoder's frames in [0, 1] (see calibrated_tiny_vae_decoder)
 CALIBRATION_CROPS = 2  # random crops whose statistics become the motion encoder's BatchNorm statistics
 
 # A tensor's spec: shape and dtype (integer buffers such as BatchNorm counters keep theirs).
@@ -69,9 +75,7 @@ def _generator(seed: int, stream: str, key: str) -> torch.Generator:
 def random_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """One float32 tensor, scaled by what the key is (see the module docstring)."""
     noise = torch.randn(shape, generator=gen)
-    if key.endswith("running_var"):
-        return 1.0 + 0.1 * noise.abs()
-    if key.endswith(("running_mean", ".bias")) or len(shape) == 0:
+    if key.endswith(".bias") or len(shape) == 0:
         return 0.05 * noise
     if key.endswith("gamma") or len(shape) == 1:
         return 1.0 + 0.1 * noise
@@ -122,6 +126,8 @@ def write_wan_dit(sizes: DeploymentConfig, paths: WeightPaths, seed: int) -> Non
     emo = set(flashportrait_only_keys(sizes.dit))
     keys = [k for k in specs if k not in emo]
     state = random_state({k: specs[k] for k in keys}, seed=seed, stream="wan_dit", dtype=torch.float32)
+    for key in ("head.head.weight", "head.head.bias"):
+        state[key] *= DIT_HEAD_SCALE
     per_shard = -(-len(keys) // WAN_SHARDS)
     weight_map: dict[str, str] = {}
     for i in range(WAN_SHARDS):
@@ -234,12 +240,31 @@ def write_motion_encoder(sizes: DeploymentConfig, paths: WeightPaths, seed: int)
     )
 
 
+def calibrated_tiny_vae_decoder(sizes: DeploymentConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Random TAEHV decoder weights whose last conv is rescaled (per colour) so that unit-scale
+    latents decode to frames of mean 0.5 and std `FRAME_STD` before the [0, 1] clamp: mid-grey
+    frames with visible structure instead of mostly clamped pixels (their scale varies a lot from
+    seed to seed otherwise)."""
+    decoder = TinyVaeDecoder(sizes.tiny_vae)
+    state = random_state(module_specs(decoder), seed=seed, stream="fast_vae", dtype=torch.float32)
+    decoder.load_state_dict(state)
+    gen = _generator(seed, "fast_vae", "calibration latents")
+    latents = torch.randn(1, sizes.tiny_vae.latent_channels, 3, 8, 8, generator=gen)
+    raw = decoder.decode_raw(latents, decoder.begin(1))  # [1, 3, t, H, W]
+    mean, std = raw.mean(dim=(0, 2, 3, 4)), raw.std(dim=(0, 2, 3, 4))
+    last = f"decoder.{len(decoder.decoder) - 1}"
+    scale = FRAME_STD / std
+    state[f"{last}.weight"] = state[f"{last}.weight"] * scale.view(-1, 1, 1, 1)
+    state[f"{last}.bias"] = (state[f"{last}.bias"] - mean) * scale + 0.5
+    return state
+
+
 def write_fast_vae(sizes: DeploymentConfig, paths: WeightPaths, seed: int) -> None:
-    """`fast_vae.pth`: TAEHV `encoder.*` and `decoder.*` (no prefix), fp16."""
-    with torch.device("meta"):
-        decoder = module_specs(TinyVaeDecoder(sizes.tiny_vae))
-    specs = {**_float_specs(_encoder_shapes(sizes.tiny_vae)), **decoder}
-    _save_pickle(random_state(specs, seed=seed, stream="fast_vae", dtype=torch.float16), paths.fast_vae)
+    """`fast_vae.pth`: TAEHV `encoder.*` (never used by FlashPortrait) and `decoder.*`, no prefix, fp16."""
+    encoder = random_state(_float_specs(_encoder_shapes(sizes.tiny_vae)), seed=seed, stream="fast_vae",
+                           dtype=torch.float32)  # fmt: skip
+    state = {**encoder, **calibrated_tiny_vae_decoder(sizes, seed)}
+    _save_pickle({k: v.half() for k, v in state.items()}, paths.fast_vae)
 
 
 def write_wan_vae(sizes: DeploymentConfig, paths: WeightPaths, seed: int) -> None:

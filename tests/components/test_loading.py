@@ -25,6 +25,8 @@ from flashportrait.components import (
 from flashportrait.config import ConfigError
 from flashportrait.models.decoding import decode_all
 from flashportrait.models.emo_split import split_emotion_tokens
+from flashportrait.sampling.schedulers import StepDistillScheduler
+from flashportrait.sampling.stepmajor import denoise_step_major
 from flashportrait.weights import MergedSource, open_checkpoint, strip_prefix
 
 F32 = torch.float32
@@ -248,3 +250,34 @@ def test_demo_models_give_finite_non_degenerate_outputs(fast):
     n = int(tokenized.lengths[0])
     assert 2 not in tokenized.input_ids[0, :n].tolist()  # no <unk> in an ordinary English prompt
     assert tokenized.input_ids[0, n - 1] == 1 and n < 40
+
+
+def test_a_four_step_two_window_generation_gives_unsaturated_frames(fast):
+    """The fast path end to end on the demo weights (step-major loop, expression guidance 4, tiny
+    decoder): latents stay near unit scale and frames are neither clamped nor constant."""
+    torch.manual_seed(0)
+    windows = [[0, 1, 2, 3], [2, 3, 4, 5]]  # 6 latent frames = 21 video frames
+    with torch.no_grad():
+        image = torch.rand(1, 3, 64, 64) * 2 - 1
+        tokens = fast.portrait_encoder(torch.randn(1, 21, 554))
+        clip = fast.clip.encode(image)
+        text = fast.text_encoder.encode("A man nods and smiles.")
+        video = torch.cat([image[:, :, None], torch.zeros(1, 3, 12, 64, 64)], dim=2)
+        y = torch.cat([torch.ones(1, 4, 4, 8, 8), fast.vae.encode(video)], dim=1)  # one y for every window
+        scheduler = StepDistillScheduler()
+
+        def denoise(w: int, step: int, x: torch.Tensor) -> torch.Tensor:
+            first, last = windows[w][0] * 4, windows[w][-1] * 4 + 1
+            emo, _ = split_emotion_tokens(tokens[:, first * 24 : last * 24], last - first)
+            t = scheduler.timesteps[step].expand(2)
+            both = fast.dit(x.expand(2, -1, -1, -1, -1), t, text * 2, clip.expand(2, -1, -1),
+                            y.expand(2, -1, -1, -1, -1), emo.expand(2, -1, -1, -1),
+                            ip_scale=torch.tensor([1.0, 0.0]))  # fmt: skip
+            return both[1:] + 4.0 * (both[:1] - both[1:])
+
+        latents = denoise_step_major(windows, denoise, scheduler, torch.randn(1, 16, 6, 8, 8))
+        frames = decode_all(fast.decoder, latents)
+    assert frames.shape == (1, 3, 21, 64, 64) and bool(torch.isfinite(frames).all())
+    assert 0.5 < latents.std() < 2.0
+    assert (frames.abs() > 0.999).float().mean() < 0.25
+    assert bool((frames.std(dim=(0, 1, 3, 4)) > 0.1).all())
