@@ -28,6 +28,23 @@ REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "flashportrait" / "assets" / "face"
 
 
+def _ensure_export_package() -> None:
+    """`flashportrait.export` is the top-level `export/` folder (setup.py maps it); make it importable
+    when the repository is used from a checkout without being installed."""
+    import importlib.util
+
+    try:
+        importlib.import_module("flashportrait.export")
+    except ModuleNotFoundError:
+        folder = REPO / "export"
+        spec = importlib.util.spec_from_file_location(
+            "flashportrait.export", folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["flashportrait.export"] = module
+        spec.loader.exec_module(module)
+
+
 class Stopwatch:
     """Seconds spent inside wrapped callables, by name."""
 
@@ -314,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.encoder:
         import torch
 
+        _ensure_export_package()
         device = "cuda" if args.provider == "cuda" and torch.cuda.is_available() else "cpu"
         print(f"motion encoder (random weights, full size), torch {torch.__version__} on {device}:")
         for row in bench_encoder(device, args.encoder_batches, args.repeats):
