@@ -253,6 +253,9 @@ def bench_encoder(device: str, batches: list[int], repeats: int) -> list[dict]:
                 rows.append(
                     {"runtime": f"tensorrt: {exc}".split(";")[0], "batch": 0, "ms_per_frame": float("nan")}
                 )
+            except Exception as exc:  # one shot on the device: report it and keep the other rows
+                message = f"tensorrt failed: {type(exc).__name__}: {exc}"[:200]
+                rows.append({"runtime": message, "batch": 0, "ms_per_frame": float("nan")})
     return rows
 
 
