@@ -281,3 +281,16 @@ def test_a_four_step_two_window_generation_gives_unsaturated_frames(fast):
     assert 0.5 < latents.std() < 2.0
     assert (frames.abs() > 0.999).float().mean() < 0.25
     assert bool((frames.std(dim=(0, 1, 3, 4)) > 0.1).all())
+
+
+def test_an_empty_folder_lists_every_release_file(tmp_path):
+    with pytest.raises(MissingWeightsError) as info:
+        load_components(tmp_path, mode="fast")
+    fields = [field for field, _ in info.value.missing]
+    assert len(fields) == 13 and len(set(fields)) == 13
+    for name in ("config.json", "diffusion_pytorch_model", "Wan2.1_VAE.pth", "umt5-xxl", "transformer.pt",
+                 "pd_fpg.pth", "face_det.onnx", "fast_vae.pth"):  # fmt: skip
+        assert name in str(info.value)
+    with pytest.raises(MissingWeightsError) as info:
+        load_components(tmp_path, mode="quality")
+    assert len(info.value.missing) == 11  # no LoRA, no tiny VAE
