@@ -46,7 +46,7 @@ from flashportrait.models.lora import RELEASE_PREFIX
 from flashportrait.models.motion_encoder import MotionEncoder, build_motion_encoder
 from flashportrait.models.portrait_encoder import PortraitEncoder
 from flashportrait.models.t5 import build_umt5_encoder
-from flashportrait.models.tiny_vae import TinyVaeDecoder, _encoder_shapes
+from flashportrait.models.tiny_vae import TinyVaeDecoder, encoder_shapes
 from flashportrait.models.transformer import build_meta
 from flashportrait.models.wan_vae import WanVAE
 from flashportrait.weights import module_tensor_shapes, save_safetensors
@@ -261,7 +261,7 @@ def calibrated_tiny_vae_decoder(sizes: DeploymentConfig, seed: int) -> dict[str,
 
 def write_fast_vae(sizes: DeploymentConfig, paths: WeightPaths, seed: int) -> None:
     """`fast_vae.pth`: TAEHV `encoder.*` (never used by FlashPortrait) and `decoder.*`, no prefix, fp16."""
-    encoder = random_state(_float_specs(_encoder_shapes(sizes.tiny_vae)), seed=seed, stream="fast_vae",
+    encoder = random_state(_float_specs(encoder_shapes(sizes.tiny_vae)), seed=seed, stream="fast_vae",
                            dtype=torch.float32)  # fmt: skip
     state = {**encoder, **calibrated_tiny_vae_decoder(sizes, seed)}
     _save_pickle({k: v.half() for k, v in state.items()}, paths.fast_vae)

@@ -236,7 +236,7 @@ class TinyVaeDecoder(nn.Module):
         return state.empty_frames(self.device)
 
 
-def _encoder_shapes(config: TinyVaeConfig) -> dict[str, tuple[int, ...]]:
+def encoder_shapes(config: TinyVaeConfig) -> dict[str, tuple[int, ...]]:
     """Key shapes of TAEHV's encoder as the release file holds it (never built: the fast path encodes
     with the Wan VAE). Layout: conv, ReLU, then 3 x [TPool, stride-2 conv without bias, 3 MemBlocks]
     with temporal pooling 2, 2, 1, then a conv to the latent channels."""
@@ -261,7 +261,7 @@ def manifest_shapes(manifest: dict) -> dict[str, tuple[int, ...]]:
     config = TinyVaeConfig.taew2_1()
     with torch.device("meta"):
         decoder = TinyVaeDecoder(config)
-    return {**_encoder_shapes(config), **module_tensor_shapes(decoder)}
+    return {**encoder_shapes(config), **module_tensor_shapes(decoder)}
 
 
 def tiny_vae_source(source: TensorSource, model: TinyVaeDecoder) -> TensorSource:

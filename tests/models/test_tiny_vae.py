@@ -13,7 +13,7 @@ from flashportrait.models.decoding import StreamingDecoder, decode_all, frames_f
 from flashportrait.models.tiny_vae import (
     TinyVaeConfig,
     TinyVaeDecoder,
-    _encoder_shapes,
+    encoder_shapes,
     load_tiny_vae,
     manifest_shapes,
 )
@@ -41,7 +41,7 @@ def _random_decoder(config: TinyVaeConfig = SMALL, seed: int = 0) -> TinyVaeDeco
 
 def _fast_vae_file(decoder: TinyVaeDecoder, config: TinyVaeConfig) -> dict[str, torch.Tensor]:
     """A state dict in the release's fast_vae.pth layout: encoder.* and decoder.* keys."""
-    encoder = {k: torch.randn(shape) for k, shape in _encoder_shapes(config).items()}
+    encoder = {k: torch.randn(shape) for k, shape in encoder_shapes(config).items()}
     return {**encoder, **{k: v.clone() for k, v in decoder.state_dict().items()}}
 
 
