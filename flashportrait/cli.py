@@ -35,6 +35,7 @@ COMMANDS: tuple[Command, ...] = (
         "run the local Triton server with a model repository until Ctrl-C",
         "flashportrait.serving.serve",
     ),
+    Command("generate", "animate a portrait with a driving video into an MP4 file", "flashportrait.generate"),
 )
 
 
