@@ -29,15 +29,18 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from fractions import Fraction
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from flashportrait.models.clip import CLIPVisionTower
+from flashportrait.models.decoding import StreamingDecoder
 from flashportrait.models.emo_split import EmotionSplitPlan, plan_emotion_split, split_emotion_tokens
 from flashportrait.models.portrait_encoder import PortraitEncoder
+from flashportrait.models.transformer import WanDiT
+from flashportrait.models.wan_vae import WanVAE
 from flashportrait.sampling.conditioning import (
     Conditioning,
     build_conditioning,
@@ -48,6 +51,7 @@ from flashportrait.sampling.conditioning import (
 from flashportrait.sampling.decode_stream import VideoDecodeStream, to_uint8
 from flashportrait.sampling.guidance import GuidanceConfig, GuidancePass, combine_batched, guidance_passes
 from flashportrait.sampling.params import MODES, GenerationError, GenerationParams
+from flashportrait.sampling.request import GenerationProgress, GenerationRequest, VideoChunk
 from flashportrait.sampling.schedulers import Scheduler, build_scheduler
 from flashportrait.sampling.wavefront import (
     BlendCast,
@@ -69,67 +73,6 @@ from flashportrait.sampling.windows import (
 LATENT_CHANNELS = 16
 # Rows of the feature array checked for finiteness at a time (bounds the temporary mask's memory).
 _CHECK_ROWS = 4096
-
-
-@dataclass(frozen=True, eq=False)
-class GenerationRequest:
-    """One generation.
-
-    image: the reference portrait [H, W, 3] uint8 RGB, any size (resized by `params.max_size`).
-    features: [N, 554] float32 expression features, one row per driving frame (N >= 5), gaps already
-        filled (the face pipeline's `VideoFeatures.features`); only the first find_replacement(N) rows
-        are used, as the reference truncates the driving video.
-    prompt_embeds: [L, text_dim] the prompt's text-encoder output cut to its token count.
-    negative_prompt_embeds: [L', text_dim], needed only when text_cfg_scale != 1.
-    fps: the driving video's frame rate; not used by the sampling, carried for the caller's writer.
-    request_id: for messages and logs.
-    """
-
-    image: np.ndarray
-    features: np.ndarray | torch.Tensor
-    prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor | None = None
-    params: GenerationParams = field(default_factory=GenerationParams)
-    fps: Fraction | None = None
-    request_id: str = ""
-
-
-@dataclass(frozen=True, eq=False)
-class VideoChunk:
-    """Output frames [frame_start, frame_stop) of `frames_total`; chunks come in order, each frame once.
-
-    frames: [T, H, W, 3] uint8 RGB (CPU numpy). Output frame i is the reference pipeline's frame i + 1
-    (its frame 0, the reconstructed portrait, is dropped as the reference script drops it).
-    """
-
-    frame_start: int
-    frames: np.ndarray
-    frames_total: int
-
-    @property
-    def frame_stop(self) -> int:
-        return self.frame_start + int(self.frames.shape[0])
-
-
-@dataclass(frozen=True)
-class GenerationProgress:
-    """Progress after the conditioning (units_done 0, window/step None) and after every window-step.
-
-    units_done / units_total: window-steps; frames_emitted / frames_total: output frames sent so far;
-    live_latent_frames: latent frames held by the sampler (bounded, independent of the video length);
-    unit_s: wall seconds of this unit (DiT, solver, blend, and decoding of frames it finalised; the
-    conditioning for the first event); elapsed_s: since `generate` started.
-    """
-
-    units_done: int
-    units_total: int
-    window: int | None
-    step: int | None
-    frames_emitted: int
-    frames_total: int
-    live_latent_frames: int
-    unit_s: float
-    elapsed_s: float
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,6 +147,11 @@ class WindowDenoiser:
         # seq_len = ceil(h/2 * w/2 * C) as the reference computes it: the token count of a window.
         self._seq_len = math.ceil(h / ph * w / pw * prepared.plan.context_size / pt)
 
+    @property
+    def split_plan(self) -> EmotionSplitPlan | None:
+        """The per-latent-frame token split (known once a window's tokens were computed)."""
+        return self._split
+
     @torch.no_grad()
     def expression_tokens(self, window: int) -> torch.Tensor:
         """emo_proj of `window`: [1, C, K, emo_dim] float32 (K = 97 for the release's encoder).
@@ -270,11 +218,11 @@ class Sampler:
 
     def __init__(
         self,
-        dit: Any,
-        vae: Any,
-        clip: Any,
+        dit: WanDiT,
+        vae: WanVAE,
+        clip: CLIPVisionTower,
         portrait_encoder: PortraitEncoder,
-        decoder: Any,
+        decoder: StreamingDecoder,
         *,
         mode: str = "fast",
         device: torch.device | str | None = None,

@@ -229,7 +229,7 @@ def _check_conditioning(
     for w in range(prepared.plan.num_windows):
         full = f"{debug}/emo_context_lens_window{w}"
         if case.has(full):
-            out.append(compare_exact(full, denoiser._split.context_lens, case.tensor(full)))
+            out.append(compare_exact(full, denoiser.split_plan.context_lens, case.tensor(full)))
     return out
 
 
