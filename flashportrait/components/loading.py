@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -48,6 +49,9 @@ from flashportrait.models.tokenizer import UMT5Tokenizer
 from flashportrait.models.transformer import WanDiT
 from flashportrait.models.wan_vae import WanVAE, load_wan_vae
 
+if TYPE_CHECKING:
+    from flashportrait.components.prepared import PreparedPaths
+
 
 @dataclass(frozen=True)
 class FaceModelPaths:
@@ -63,7 +67,7 @@ class Components:
 
     config: DeploymentConfig
     mode: str
-    paths: WeightPaths
+    paths: WeightPaths | PreparedPaths
     dit: WanDiT | None = None
     lora: LoraMergeReport | None = None  # what the fast-mode merge did
     vae: WanVAE | None = None
@@ -103,7 +107,8 @@ def load_components(
 ) -> Components:
     """Load `parts` (names in `layout.PARTS`; see `layout.SAMPLER_PARTS` etc.) for `mode`.
 
-    weights: the weights root in the release layout, or `WeightPaths` with overrides.
+    weights: the weights root in the release layout, or `WeightPaths` with overrides, or a prepared
+        folder (it has a `manifest.json`; handed to `prepared.load_prepared`, bf16 DiT files).
     dtype: the serving dtype of the DiT, VAEs, umT5 and CLIP (bf16 on the GPU; float32 for CPU tests).
     lora_strength: scale of the fast-mode LoRA merge; lora_compute_dtype: None merges in the DiT's
         dtype (the reference), float32 computes each update in float32 and rounds once.
@@ -111,6 +116,13 @@ def load_components(
     Raises `MissingWeightsError` (every absent file at once), `ConfigError` (sizes, config.json) and
     `CheckpointMismatchError` (a file whose keys or shapes do not fit), each naming the file.
     """
+    if not isinstance(weights, WeightPaths):
+        from flashportrait.components.prepared import is_prepared, load_prepared
+
+        if is_prepared(weights):
+            return load_prepared(weights, mode=mode, device=device, dtype=dtype, parts=parts, config=config,
+                                 lora_strength=lora_strength, lora_compute_dtype=lora_compute_dtype,
+                                 text_cache_size=text_cache_size)  # fmt: skip
     check_mode(mode)
     parts = check_parts(parts)
     paths = weights if isinstance(weights, WeightPaths) else WeightPaths.under(weights)
