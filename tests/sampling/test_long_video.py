@@ -3,7 +3,8 @@ first frames, and the same peak memory (issue 4's done-when; tiny random models 
 
 Each length runs in its own process (`python -m tests.sampling.test_long_video FRAMES`), both at
 once, one thread each. Memory is the process's resident set: the kernel's high-water mark (VmHWM) is
-reset once the models and the request exist, so the peak covers `generate` alone, and glibc is told
+reset once the models and the request exist (where /proc/self/clear_refs is writable), so the peak
+covers `generate` alone, and glibc is told
 to map every allocation above 64 KiB on its own (`MALLOC_MMAP_THRESHOLD_`), so freed tensors leave
 the resident set instead of lingering in the heap (its adaptive threshold otherwise keeps a few
 freed megabytes resident, by allocation history rather than by what is live).
@@ -11,6 +12,7 @@ freed megabytes resident, by allocation history rather than by what is live).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -60,7 +62,10 @@ def stream(frames: int) -> dict:
         image, features, torch.randn(4, 16, generator=torch.Generator().manual_seed(2)), params=params
     )
 
-    _CLEAR_REFS.write_text("5")  # reset VmHWM to the current resident set
+    # Reset VmHWM to the current resident set; where that is refused, VmHWM also covers building the
+    # models and inputs (the same in both processes).
+    with contextlib.suppress(OSError):
+        _CLEAR_REFS.write_text("5")
     base = _status_kib("VmRSS")
     first_units, first_hash, emitted, live = None, "", 0, 0
     units = 0
@@ -107,7 +112,7 @@ def _run_both() -> tuple[dict, dict]:
     return results[0], results[1]
 
 
-@pytest.mark.skipif(not os.access(_CLEAR_REFS, os.W_OK), reason="needs Linux /proc/self/clear_refs")
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux /proc/self/status")
 def test_ten_minute_video_streams_like_a_twenty_second_one():
     long, short = _run_both()
     assert (long["emitted"], short["emitted"]) == (LONG_FRAMES - 4, SHORT_FRAMES - 4)  # 4k+1, minus frame 0
