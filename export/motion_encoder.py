@@ -15,7 +15,8 @@ against the PyTorch module with ONNX Runtime on every export (`compare_features`
 golden case `fan_encoder`'s fp32 budget (20x the fp32-vs-fp64 error of the reference itself).
 
 The TensorRT engine (fp16, one optimisation profile over the batch) is built with the `tensorrt`
-Python package against the runtime that will load it; where `tensorrt` is not importable,
+Python package against the runtime that will load it (`export/tensorrt.py`, which writes the
+version record `export/engines.py` checks before loading); where `tensorrt` is not importable,
 `build_tensorrt_engine` raises `TensorRTUnavailable` saying so.
 """
 
@@ -30,6 +31,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from flashportrait.export.tensorrt import ShapeProfile, TensorRTUnavailable, build_engine, import_tensorrt
 from torch import nn
 
 from flashportrait.models.motion_encoder import PD_FGC, MotionEncoder, load_motion_encoder
@@ -41,10 +43,6 @@ OUTPUT_NAME = "FEATURES"
 FP32_TOLERANCE = {"headpose": 0.002, "eye": 0.0005, "emotion": 0.001, "mouth": 0.005}
 FP32_RTOL = 2e-4
 HEADS = (("headpose", 0, 6), ("eye", 6, 12), ("emotion", 12, 42), ("mouth", 42, 554))
-
-
-class TensorRTUnavailable(RuntimeError):
-    """TensorRT is not installed here, so no engine can be built (or run)."""
 
 
 class FeatureExtractor(nn.Module):
@@ -160,16 +158,12 @@ def torch_crop_encoder(encoder: MotionEncoder, device: str | torch.device = "cpu
     return encode
 
 
-def _tensorrt():
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise TensorRTUnavailable(
-            "TensorRT is not installed in this environment (`import tensorrt` failed: "
-            f"{exc}); build the engine inside the serving image (NGC tritonserver / TensorRT container), "
-            "against the TensorRT version that will run it, or install the `gpu` extra"
-        ) from exc
-    return tensorrt
+def onnx_item_shape(onnx_path: str | Path) -> tuple[int, ...]:
+    """The per-crop shape of the exported file's input (everything after the batch dimension)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return tuple(d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:])
 
 
 def build_tensorrt_engine(
@@ -182,48 +176,26 @@ def build_tensorrt_engine(
     fp16: bool = True,
     workspace_gib: float = 4.0,
 ) -> Path:
-    """Build a serialized TensorRT engine from the exported ONNX file, one profile over the batch."""
-    trt = _tensorrt()
+    """Build a serialized TensorRT engine from the exported ONNX file, one profile over the batch,
+    with its TensorRT version record beside it (`export.tensorrt.build_engine`)."""
+    import_tensorrt()
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(
             f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}"
         )
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):  # implicit in TensorRT 10
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(Path(onnx_path).read_bytes()):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT cannot parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    profile = builder.create_optimization_profile()
-    tensor = network.get_input(0)
-    per_item = tuple(tensor.shape)[1:]
-    profile.set_shape(tensor.name, (min_batch, *per_item), (opt_batch, *per_item), (max_batch, *per_item))
-    config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
-    engine_path = Path(engine_path)
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    engine_path.write_bytes(bytes(serialized))
-    return engine_path
+    item = onnx_item_shape(onnx_path)
+    profile = ShapeProfile((min_batch, *item), (opt_batch, *item), (max_batch, *item))
+    return build_engine(onnx_path, engine_path, {INPUT_NAME: profile}, fp16=fp16, workspace_gib=workspace_gib)
 
 
 class TensorRTFeatureExtractor:
     """Runs a built engine on CUDA tensors, for parity checks and benchmarks (Triton loads plans itself)."""
 
     def __init__(self, engine_path: str | Path, device: str = "cuda") -> None:
-        trt = _tensorrt()
+        from flashportrait.export.engines import load_engine
+
         self.device = torch.device(device)
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        self.engine = load_engine(engine_path)  # refuses an engine of another TensorRT release
         self.context = self.engine.create_execution_context()
 
     def __call__(self, crops: torch.Tensor) -> torch.Tensor:

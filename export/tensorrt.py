@@ -158,9 +158,11 @@ def build_engine(
     *,
     fp16: bool = True,
     workspace_gib: float = 4.0,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Build a serialized engine from `onnx_path` with one optimisation profile (`profiles`: every
-    input with a dynamic dimension, by name), write it and its version record; returns the engine."""
+    input with a dynamic dimension, by name), write it and its version record (plus `extra`, e.g.
+    what a runtime needs to know about the graph); returns the engine path."""
     trt = import_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -202,7 +204,8 @@ def build_engine(
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(bytes(serialized))
-    write_record(engine_path, make_record(trt.__version__, engine_path, onnx_path, profiles, fp16=fp16))
+    record = make_record(trt.__version__, engine_path, onnx_path, profiles, fp16=fp16)
+    write_record(engine_path, {**record, **(extra or {})})
     return engine_path
 
 
