@@ -36,6 +36,14 @@ COMMANDS: tuple[Command, ...] = (
         "flashportrait.serving.serve",
     ),
     Command("generate", "animate a portrait with a driving video into an MP4 file", "flashportrait.generate"),
+    Command(
+        "animate",
+        "animate a portrait with a driving video through a Triton server",
+        "flashportrait.client.cli",
+    ),
+    Command(
+        "demo", "run the whole product on this machine with demo weights and media", "flashportrait.demo"
+    ),
 )
 
 

@@ -61,9 +61,16 @@ CANCELLATIONS = MetricSpec(
 FAILURES = MetricSpec(
     "flashportrait_request_failures_total", "Requests that ended with an error response", "counter"
 )
+ACTIVE_GENERATIONS = MetricSpec(
+    "flashportrait_active_generations",
+    "Generations running now (a busy pod has a value above 0 even when its queue is empty)",
+    "gauge",
+)
 STREAM_METRICS = (TIME_TO_FIRST_FRAME, CANCELLATIONS, FAILURES)
 """What `streaming.run_stream` records by itself."""
 STANDARD_METRICS = (*STREAM_METRICS, WINDOW_COMPUTE, FRAMES_GENERATED)
+SAMPLER_METRICS = (*STANDARD_METRICS, ACTIVE_GENERATIONS)
+"""What the `sampler` model exports."""
 
 
 class ModelMetrics:
@@ -119,6 +126,13 @@ class ModelMetrics:
         metric = self._get(spec, "gauge")
         if metric is not None:
             metric.set(value)
+
+    def add(self, spec: MetricSpec | str, delta: float) -> None:
+        """Add `delta` (may be negative) to a gauge; instances sharing the series add up correctly,
+        where `set` from one instance would overwrite the others'."""
+        metric = self._get(spec, "gauge")
+        if metric is not None:
+            metric.increment(delta)
 
     def observe(self, spec: MetricSpec | str, value: float) -> None:
         metric = self._get(spec, "histogram")

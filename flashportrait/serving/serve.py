@@ -1,5 +1,10 @@
 """`flashportrait serve`: the local Triton server in the foreground until Ctrl-C (or SIGTERM).
 
+With `--weights DIR` (default `$FLASHPORTRAIT_WEIGHTS`) the project's repository is first assembled
+for those weights (`repository.assemble_repository`: the feature extractor's ONNX file is exported or
+reused) and the models read the weights from `$FLASHPORTRAIT_WEIGHTS`, which the server is given;
+without weights the repository is served as it is (test repositories).
+
 Prints one line once the server is ready (`tritonserver ready (<wheel|system>): grpc=HOST:PORT
 http=HOST:PORT metrics=URL log=PATH`), and `stopping tritonserver` when asked to stop.
 """
@@ -7,6 +12,7 @@ http=HOST:PORT metrics=URL log=PATH`), and `stopping tritonserver` when asked to
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -19,6 +25,7 @@ from flashportrait.serving.server import (
     default_model_repository,
     resolve_config_name,
 )
+from flashportrait.serving.settings import MODE_ENV, WEIGHTS_ENV
 from flashportrait.serving.triton_env import TritonNotFoundError
 
 
@@ -43,6 +50,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-file", type=Path, default=None, help="write the server log here")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for readiness")
     parser.add_argument("--tritonserver", type=Path, default=None, help="use this tritonserver binary")
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=os.environ.get(WEIGHTS_ENV) or None,
+        help=f"weights folder in the release layout (default ${WEIGHTS_ENV}); "
+        "assembles the repository for it",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["fast", "quality"],
+        default=None,
+        help=f"sampler mode (default ${MODE_ENV} or fast)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +71,18 @@ def run(args: argparse.Namespace) -> int:
         print("error: no model repository; pass --model-repository", file=sys.stderr)
         return 2
     config_name = resolve_config_name(args.model_config_name)
+    env: dict[str, str] = {}
+    if args.weights is not None:
+        from flashportrait.serving.repository import RepositoryError, assemble_repository
+
+        try:
+            repository = assemble_repository(args.weights, repository)
+        except RepositoryError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        env[WEIGHTS_ENV] = str(Path(args.weights).resolve())
+    if args.mode is not None:
+        env[MODE_ENV] = args.mode
     options = ServerOptions(
         model_repository=repository,
         model_config_name=config_name,
@@ -61,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         log_path=args.log_file,
         ready_timeout_s=args.ready_timeout,
         binary=args.tritonserver,
+        env=env,
     )
     server = TritonServer(options)
     stop = threading.Event()

@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -80,6 +80,8 @@ class ServerOptions:
     gpu: whether the machine has a GPU for the server; None looks for `/dev/nvidiactl`. Without one,
         pinned host memory and GPU metrics are switched off (Triton would otherwise try them through CUDA
         and log errors).
+    env: environment variables set for the server (and so for its Python models, e.g.
+        `FLASHPORTRAIT_WEIGHTS`), on top of this process's environment.
     """
 
     model_repository: Path
@@ -96,6 +98,7 @@ class ServerOptions:
     binary: Path | None = None
     die_with_parent: bool = True
     gpu: bool | None = None
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 def free_port() -> int:
@@ -240,7 +243,7 @@ class TritonServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=server_environment(self.install),
+                env={**server_environment(self.install), **self.options.env},
                 # Own process group: `stop` can kill the server and its Python stubs together.
                 start_new_session=True,
                 preexec_fn=_pdeathsig_hook() if self.options.die_with_parent else None,

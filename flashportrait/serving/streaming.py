@@ -149,11 +149,14 @@ def _error(message: str, code: str) -> Any:
     return pb_utils.TritonError(message, getattr(pb_utils.TritonError, code, pb_utils.TritonError.INTERNAL))
 
 
-def run_stream(request: Any, produce: Producer, metrics: ModelMetrics | None = None) -> StreamOutcome:
+def run_stream(
+    request: Any, produce: Producer, metrics: ModelMetrics | None = None, first_response_metric: bool = True
+) -> StreamOutcome:
     """Run `produce(stream)` for one request of a decoupled model and end its stream (see module doc).
 
     Never raises for a request's own failure, so `execute` can go on to the next request.
-    Records `flashportrait_time_to_first_frame_seconds`, `_cancellations_total` and
+    Records `flashportrait_time_to_first_frame_seconds` (unless `first_response_metric` is False: a
+    producer whose first responses carry no frames records it itself), `_cancellations_total` and
     `_request_failures_total` in `metrics` when given.
     """
     logger = _pb().Logger
@@ -172,7 +175,8 @@ def run_stream(request: Any, produce: Producer, metrics: ModelMetrics | None = N
             except StopIteration:
                 break
             stream.send(outputs)
-            if stream.responses == 1 and metrics is not None and stream.first_response_s is not None:
+            first = stream.responses == 1 and first_response_metric
+            if first and metrics is not None and stream.first_response_s is not None:
                 metrics.observe(TIME_TO_FIRST_FRAME, stream.first_response_s)
     except StreamCancelled:
         status = "cancelled"
@@ -203,7 +207,12 @@ def run_stream(request: Any, produce: Producer, metrics: ModelMetrics | None = N
     return StreamOutcome(stream.request_id, status, stream.responses, message)
 
 
-def run_streams(requests: Iterable[Any], produce: Producer, metrics: ModelMetrics | None = None) -> None:
+def run_streams(
+    requests: Iterable[Any],
+    produce: Producer,
+    metrics: ModelMetrics | None = None,
+    first_response_metric: bool = True,
+) -> None:
     """`run_stream` for each request in turn; what a decoupled `execute` returns (None)."""
     for request in requests:
-        run_stream(request, produce, metrics)
+        run_stream(request, produce, metrics, first_response_metric)
