@@ -97,31 +97,47 @@ class FP8Linear(nn.Module):
         return self.weight.float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
-        act = x if isinstance(x, Fp8Activation) else quantize_fp8(x)
-        *lead, k = act.data.shape
-        if k != self.in_features:
-            raise ValueError(f"FP8Linear expects {self.in_features} input features, got {k}")
-        data = act.data.reshape(-1, k)
-        scale = act.scale.reshape(-1, 1).float()
-        if data.is_cuda and data.shape[0]:
-            out = torch._scaled_mm(
-                data.contiguous(),
-                self.weight.t(),
-                scale_a=scale.contiguous(),
-                scale_b=self.weight_scale[None, :],
-                bias=self.bias,
-                out_dtype=self.out_dtype,
-                use_fast_accum=self.fast_accum,
-            )
-        else:
-            out = fp8_linear_reference(data, scale, self.weight, self.weight_scale, self.bias, self.out_dtype)
-        return out.view(*lead, self.out_features)
+        return fp8_matmul(x, self.weight, self.weight_scale, self.bias, self.out_dtype, self.fast_accum)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, out_dtype={self.out_dtype}, fast_accum={self.fast_accum}"
         )
+
+
+def fp8_matmul(
+    x: torch.Tensor | Fp8Activation,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    fast_accum: bool = True,
+) -> torch.Tensor:
+    """What `FP8Linear` computes, on any weights laid out like its buffers (also the concatenated
+    q/k/v weights of a fused projection). x: [..., K] any float dtype (quantised per token here) or
+    an Fp8Activation; weight: [N, K] e4m3; weight_scale: [N] float32; bias: [N] or None.
+    Returns [..., N] in out_dtype."""
+    act = x if isinstance(x, Fp8Activation) else quantize_fp8(x)
+    *lead, k = act.data.shape
+    n, k_weight = weight.shape
+    if k != k_weight:
+        raise ValueError(f"fp8 linear layer expects {k_weight} input features, got {k}")
+    data = act.data.reshape(-1, k)
+    scale = act.scale.reshape(-1, 1).float()
+    if data.is_cuda and data.shape[0]:
+        out = torch._scaled_mm(
+            data.contiguous(),
+            weight.t(),
+            scale_a=scale.contiguous(),
+            scale_b=weight_scale[None, :],
+            bias=bias,
+            out_dtype=out_dtype,
+            use_fast_accum=fast_accum,
+        )
+    else:
+        out = fp8_linear_reference(data, scale, weight, weight_scale, bias, out_dtype)
+    return out.view(*lead, n)
 
 
 def dit_block_linears(name: str, module: nn.Linear) -> bool:

@@ -13,6 +13,7 @@ padding) are left unrotated: their table rows are cos 1, sin 0.
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import lru_cache
 
 import torch
 
@@ -63,6 +64,22 @@ def rope_tables(
     cos[:tokens] = torch.cos(angles)
     sin[:tokens] = torch.sin(angles)
     return cos[:, None].to(device=device, dtype=dtype), sin[:, None].to(device=device, dtype=dtype)
+
+
+@lru_cache(maxsize=4)
+def _identity_tables(seq_len: int, half: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.ones(seq_len, half, dtype=torch.float32, device=device),
+        torch.zeros(seq_len, half, dtype=torch.float32, device=device),
+    )
+
+
+def identity_tables(
+    seq_len: int, head_dim: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) = (1, 0) tables [seq_len, head_dim/2] float32: the fused RMS-norm + RoPE kernel
+    with these is a plain RMS norm (cross-attention q). Cached per (length, width, device)."""
+    return _identity_tables(seq_len, head_dim // 2, torch.device(device))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

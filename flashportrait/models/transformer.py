@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from flashportrait.config import ConfigError, from_mapping
+from flashportrait.kernels import triton_runs_on
 from flashportrait.models.dit_blocks import (
     CLIP_TOKENS,
     CastLinear,
@@ -28,6 +29,7 @@ from flashportrait.models.dit_blocks import (
     Head,
     ImageProjection,
 )
+from flashportrait.models.fp8_linear import convert_linears_to_fp8, dit_block_linears
 from flashportrait.models.rope import RopeCache
 from flashportrait.weights import module_tensor_shapes
 
@@ -175,6 +177,8 @@ class WanDiT(nn.Module):
         self.head = Head(dim, config.out_features, config.eps)
         self.img_emb = ImageProjection(config.clip_dim, dim, config.img_emb_eps)
         self.rope = RopeCache(config.rope_theta)
+        # None: the fused fast path on CUDA, the reference arithmetic elsewhere (`uses_fast_path`).
+        self.fast_path: bool | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -224,8 +228,21 @@ class WanDiT(nn.Module):
         cfg = self.config
         b, _, frames, _, _ = x.shape
         device, dtype = self.device, self.dtype
+        fast = self.uses_fast_path(device)
+        t = torch.as_tensor(t, device=device).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(b)
+        if t.shape != (b,):
+            raise ValueError(f"t must have one timestep per sample ({b}), got shape {list(t.shape)}")
+        if y.shape[0] != b:
+            raise ValueError(f"y has {y.shape[0]} samples, x has {b}")
+        # Fast path: inputs that are the same row for every sample (the guidance passes' `expand`ed
+        # latents, condition, timestep) are computed once; the stream stays one row until the
+        # samples differ (WanDiT docstring).
+        if fast:
+            x, y, t = _shared_rows(x, y, t)
         tokens = self.patch_embedding(torch.cat([x, y], dim=1).to(device=device, dtype=dtype))
-        _, _, gf, gh, gw = tokens.shape
+        rows, _, gf, gh, gw = tokens.shape
         n = gf * gh * gw
         seq_len = n if seq_len is None else int(seq_len)
         if seq_len < n:
@@ -233,30 +250,61 @@ class WanDiT(nn.Module):
         # [B, dim, f, h, w] -> [B, f*h*w, dim] in (f, h, w) row-major order; zero tokens appended.
         stream = tokens.flatten(2).transpose(1, 2).float()
         if seq_len > n:
-            stream = torch.cat([stream, stream.new_zeros(b, seq_len - n, cfg.dim)], dim=1)
+            stream = torch.cat([stream, stream.new_zeros(rows, seq_len - n, cfg.dim)], dim=1)
 
-        t = torch.as_tensor(t, device=device).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(b)
-        if t.shape != (b,):
-            raise ValueError(f"t must have one timestep per sample ({b}), got shape {list(t.shape)}")
         # float32 island (reference: sinusoid in float64, MLP under autocast(float32)).
         e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, t))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))
 
-        text = self.text_embedding(self._pad_text(context, context_lens, b))
-        image = self.img_emb(clip_fea.to(device))
-        ctx = torch.cat([image.to(dtype), text.to(dtype)], dim=1)
-
+        ctx = self._context(context, context_lens, clip_fea, b, fast)
         rope_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         rope = self.rope.get((gf, gh, gw), seq_len, cfg.head_dim, rope_dtype, device)
         k_lens = None if seq_len == n else torch.full((b,), n, dtype=torch.int64, device=device)
         emo, scales = self._expression_inputs(emo_proj, ip_scale, b, frames)
 
         for block in self.blocks:
-            stream = block(stream, e0, rope, k_lens, ctx, emo, scales)
-        out = self.head(stream, e)
-        return self.unpatchify(out, (gf, gh, gw))
+            stream = block(stream, e0, rope, k_lens, ctx, emo, scales, fast=fast)
+        out = self.unpatchify(self.head(stream, e, fast=fast), (gf, gh, gw))
+        if out.shape[0] != b:  # no input told the samples apart
+            out = out.expand(b, *out.shape[1:]).contiguous()
+        return out
+
+    def uses_fast_path(self, device: torch.device | None = None) -> bool:
+        """Whether forward takes the fused fast path: `fast_path` if set, else on CUDA when the
+        Triton kernels can run there (never on the CPU, so the goldens see the reference arithmetic)."""
+        device = self.device if device is None else device
+        if self.fast_path is not None:
+            return self.fast_path
+        return device.type == "cuda" and triton_runs_on(device)
+
+    def convert_to_fp8(self, *, fast_accum: bool = True) -> list[str]:
+        """Quantise the blocks' linear layers to e4m3 once (FP8Linear, per-channel weight scales,
+        per-token activations); run after the weights are loaded, on the device. Returns the
+        converted layer names. Time embedding, patch/text/image embeddings and head stay as they are."""
+        return convert_linears_to_fp8(self, dit_block_linears, fast_accum=fast_accum)
+
+    def _context(
+        self,
+        context: torch.Tensor | Sequence[torch.Tensor],
+        context_lens: torch.Tensor | Sequence[int] | None,
+        clip_fea: torch.Tensor,
+        batch: int,
+        fast: bool,
+    ) -> torch.Tensor:
+        """Cross-attention context [B, clip_tokens + text_len, dim] in the compute dtype, image tokens
+        first; fast path: [1, ...] when every sample has the same prompt and image (batch 1, a
+        stride-0 batch, or a list of one tensor repeated), so their keys and values are computed once."""
+        dtype = self.dtype
+        if fast:
+            context, context_lens, batch = _shared_context(context, context_lens, batch)
+            clip_fea = clip_fea[:1] if clip_fea.shape[0] > 1 and clip_fea.stride(0) == 0 else clip_fea
+            if clip_fea.shape[0] not in (1, batch):
+                raise ValueError(f"clip_fea has {clip_fea.shape[0]} samples, expected {batch}")
+        text = self.text_embedding(self._pad_text(context, context_lens, batch))
+        image = self.img_emb(clip_fea.to(self.device))
+        rows = max(text.shape[0], image.shape[0])
+        image, text = (v.to(dtype).expand(rows, *v.shape[1:]) for v in (image, text))
+        return torch.cat([image, text], dim=1)
 
     def _pad_text(
         self,
@@ -276,11 +324,15 @@ class WanDiT(nn.Module):
             b, length, width = context.shape
             rows = context.to(device)
             if context_lens is not None:
-                lens = torch.as_tensor(context_lens, device=device).reshape(-1)
-                if lens.shape != (b,) or bool((lens > length).any()) or bool((lens < 0).any()):
+                lens = torch.as_tensor(context_lens).reshape(-1)
+                # Values are checked where that costs no device synchronisation (host tensors); on the
+                # GPU a length past the context keeps every row and a negative one none.
+                host = lens.device.type == "cpu"
+                if lens.shape != (b,) or (host and (bool((lens > length).any()) or bool((lens < 0).any()))):
                     raise ValueError(
                         f"context_lens {lens.tolist()} do not fit context of shape {list(context.shape)}"
                     )
+                lens = lens.to(device)
                 keep = torch.arange(length, device=device)[None, :] < lens[:, None]
                 rows = rows * keep[..., None].to(rows.dtype)
         else:
@@ -308,15 +360,18 @@ class WanDiT(nn.Module):
         (no tokens, or every scale 0: x + 0 * e == x exactly for finite e)."""
         if emo_proj is None:
             return None, None
-        scales = torch.as_tensor(ip_scale, dtype=torch.float32, device=self.device).reshape(-1)
+        scales = torch.as_tensor(ip_scale, dtype=torch.float32).reshape(-1)
         if scales.numel() == 1:
             scales = scales.expand(batch)
         if scales.shape != (batch,):
             raise ValueError(
                 f"ip_scale must be a float or one value per sample ({batch}), got {list(scales.shape)}"
             )
-        if bool((scales == 0).all()):
+        # Skipping needs the values: looked at only on the host (a GPU tensor of zeros runs the
+        # branch, which then adds exactly zero), so a step never waits for the device.
+        if scales.device.type == "cpu" and bool((scales == 0).all()):
             return None, None
+        scales = scales.to(self.device)
         b, f, _, width = emo_proj.shape
         if b != batch or f != frames or width != self.config.emo_dim:
             raise ValueError(
@@ -334,6 +389,44 @@ class WanDiT(nn.Module):
         c = self.config.out_dim
         cells = out[:, : gf * gh * gw].reshape(b, gf, gh, gw, pt, ph, pw, c)
         return cells.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, c, gf * pt, gh * ph, gw * pw)
+
+
+def _shared(t: torch.Tensor) -> bool:
+    """Every sample of t [B, ...] is the same row without looking at values: B == 1 or a stride-0
+    batch (`expand`)."""
+    return t.shape[0] == 1 or t.stride(0) == 0
+
+
+def _shared_rows(
+    x: torch.Tensor, y: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, y, t cut to their first sample where they are shared: the time embedding when t is, the
+    whole stream (patch embedding and first self-attention) when x, y and t all are."""
+    if _shared(t):
+        t = t[:1]
+        if _shared(x) and _shared(y):
+            x, y = x[:1], y[:1]
+    return x, y, t
+
+
+def _shared_context(
+    context: torch.Tensor | Sequence[torch.Tensor],
+    context_lens: torch.Tensor | Sequence[int] | None,
+    batch: int,
+) -> tuple[torch.Tensor | Sequence[torch.Tensor], torch.Tensor | Sequence[int] | None, int]:
+    """(context, context_lens, batch) reduced to one sample when every sample has the same prompt."""
+    if isinstance(context, torch.Tensor):
+        lens = None if context_lens is None else torch.as_tensor(context_lens)
+        if context.dim() == 3 and context.shape[0] == batch > 1 and _shared(context):
+            if lens is None:
+                return context[:1], None, 1
+            if lens.dim() == 1 and lens.shape[0] == batch and _shared(lens):
+                return context[:1], lens[:1], 1
+        return context, context_lens, batch
+    samples = list(context)
+    if len(samples) == batch > 1 and context_lens is None and all(s is samples[0] for s in samples):
+        return samples[:1], None, 1
+    return samples, context_lens, batch
 
 
 def build_meta(config: DiTConfig) -> WanDiT:
