@@ -8,6 +8,9 @@ of CUDA-event timings after warm-up), the peak GPU memory and the exact command.
 
     python bench/dit_forward.py                      # H200: full size, every available backend
     python bench/dit_forward.py --batch 2            # both guidance passes as one batch
+    python bench/dit_forward.py --batch 2 --shared   # ... with their shared inputs expanded (sampler)
+    python bench/dit_forward.py --fp8                # fp8 block linears (convert_to_fp8)
+    python bench/dit_forward.py --path reference     # the unfused reference arithmetic on the GPU
     python bench/dit_forward.py --tiny               # CPU smoke test of this script
 
 Needs torch and this repository only (run from the repository root, installed or not).
@@ -73,20 +76,27 @@ def forward_flops(cfg: DiTConfig, batch: int, frames: int, tokens: int) -> float
 
 
 def make_inputs(cfg: DiTConfig, args, device: torch.device, dtype: torch.dtype) -> dict:
+    """Random window inputs; with --shared the per-sample latents, condition, timestep, CLIP
+    features and expression tokens are one row expanded over the batch, as the sampler passes the
+    guidance passes (the DiT's fast path then computes shared work once)."""
     g = torch.Generator(device=device).manual_seed(args.seed + 1)
     b, f = args.batch, args.frames
+    rows = 1 if args.shared else b
     h, w = args.height // VAE_STRIDE, args.width // VAE_STRIDE
 
     def randn(*shape):
         return torch.randn(*shape, generator=g, device=device, dtype=torch.float32)
 
+    def per_sample(t: torch.Tensor) -> torch.Tensor:
+        return t.expand(b, *t.shape[1:])
+
     return dict(
-        x=randn(b, cfg.in_dim - 20, f, h, w),
-        t=torch.full((b,), 937.5, device=device),
+        x=per_sample(randn(rows, cfg.in_dim - 20, f, h, w)),
+        t=per_sample(torch.full((rows,), 937.5, device=device)),
         context=randn(b, min(args.text_tokens, cfg.text_len), cfg.text_dim).to(dtype),
-        clip_fea=randn(b, cfg.clip_tokens, cfg.clip_dim).to(dtype),
-        y=randn(b, 20, f, h, w),
-        emo_proj=randn(b, f, EXPRESSION_TOKENS, cfg.emo_dim).to(dtype),
+        clip_fea=per_sample(randn(rows, cfg.clip_tokens, cfg.clip_dim).to(dtype)),
+        y=per_sample(randn(rows, 20, f, h, w)),
+        emo_proj=per_sample(randn(rows, f, EXPRESSION_TOKENS, cfg.emo_dim).to(dtype)),
         ip_scale=torch.tensor([1.0, 0.0] * (b // 2) + [1.0] * (b % 2), device=device),
     )
 
@@ -144,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--backends", default=None, help="comma-separated (default: every fast one available)"
     )
+    parser.add_argument("--shared", action="store_true", help="per-sample inputs expanded from one row")
+    parser.add_argument(
+        "--path", choices=["auto", "fast", "reference"], default="auto",
+        help="DiT arithmetic: fused fast path, unfused reference, or the model's default (fast on CUDA)",
+    )  # fmt: skip
+    parser.add_argument("--fp8", action="store_true", help="fp8 block linear layers (convert_to_fp8)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -166,13 +182,19 @@ def main(argv: list[str] | None = None) -> int:
 
     begin = time.perf_counter()
     model = random_dit(cfg, seed=args.seed, dtype=dtype, device=device)
+    model.fast_path = {"auto": None, "fast": True, "reference": False}[args.path]
+    if args.fp8:
+        with torch.no_grad():
+            model.convert_to_fp8()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    params = sum(p.numel() for p in model.parameters())
-    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    tensors = [*model.parameters(), *model.buffers()]  # FP8Linear keeps its weights as buffers
+    params = sum(t.numel() for t in tensors)
+    weights_gib = sum(t.numel() * t.element_size() for t in tensors) / 2**30
     built = time.perf_counter() - begin
     print(f"DiT: dim {cfg.dim}, {cfg.num_layers} layers, {cfg.num_heads} heads, {params / 1e9:.2f}B "
-          f"parameters, {weights_gib:.1f} GiB {args.dtype} weights built in {built:.1f}s")  # fmt: skip
+          f"parameters, {weights_gib:.1f} GiB {args.dtype}{' + fp8 blocks' if args.fp8 else ''} weights "
+          f"built in {built:.1f}s; fast path: {model.uses_fast_path()}")  # fmt: skip
 
     inputs = make_inputs(cfg, args, device, dtype)
     b, _, f, h, w = inputs["x"].shape

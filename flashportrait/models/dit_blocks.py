@@ -147,7 +147,7 @@ class FusedProjection:
                 parts = [getattr(m, name, None) for m in linears]
                 if parts[0] is None:
                     continue
-                whole = torch.cat([p.detach() for p in parts])
+                whole = _cat_rows([p.detach() for p in parts])
                 self.tensors[name] = whole
                 for module, view in zip(linears, whole.split(self.out_features), strict=True):
                     if name in module._parameters:
@@ -183,6 +183,13 @@ class FusedProjection:
         if isinstance(x, Fp8Activation):
             x = x.dequantize()
         return F.linear(x.to(weight.dtype), weight, bias)
+
+
+def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along dim 0; one-byte (fp8) tensors go through uint8, which every backend copies."""
+    if parts[0].element_size() == 1 and parts[0].is_floating_point():
+        return torch.cat([p.view(torch.uint8) for p in parts]).view(parts[0].dtype)
+    return torch.cat(parts)
 
 
 def _norm_rope(
