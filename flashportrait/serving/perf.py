@@ -255,7 +255,9 @@ def run_perf_analyzer(options: PerfOptions, export_path: Path | None = None) -> 
                 f"perf_analyzer failed with code {done.returncode}: {' '.join(cmd)}\n"
                 f"libraries: {sources}\n{output}"
             )
-        export = json.loads(target.read_text())
+        # Outputs are exported as raw bytes inside JSON strings (UINT8 frames, the empty final
+        # response's uninitialised values), which need not be UTF-8; timings are unaffected.
+        export = json.loads(target.read_bytes().decode("utf-8", errors="replace"))
     return PerfRun(tuple(cmd), output, export, sources)
 
 

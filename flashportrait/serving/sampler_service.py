@@ -4,7 +4,9 @@
 features, text embeddings, per-request parameters), runs `Sampler.generate` and turns its events into
 response dicts (tensor names and meaning: `model_repository/README.md`):
 
-- a progress response after the conditioning and after every window-step: FRAMES [0, H, W, 3];
+- a progress response after the conditioning and after every window-step: FRAMES [0, H, W, 3]
+  (left out when the request parameter `progress` is false, so the first response carries frames:
+  perf_analyzer's time to first response is then the time to first frame);
 - a frames response for every decoded chunk: FRAMES [T, H, W, 3] uint8 RGB, output frames
   [FRAME_START, FRAME_START + T) of FRAMES_TOTAL, in order, each frame exactly once.
 
@@ -71,6 +73,14 @@ def _check_matrix(name: str, array: np.ndarray, width: int | None = None) -> np.
     return array
 
 
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise RequestError(f"{name} must be true or false, got {value!r}")
+
+
 class SamplerService:
     """The sampler's models, loaded once per model instance."""
 
@@ -96,16 +106,19 @@ class SamplerService:
             components, device=deployment.device, decode_chunk_latents=settings.decode_chunk_latents
         )
 
-    def _request(self, job: SamplerJob) -> tuple[Any, int, tuple[int, int]]:
-        """(GenerationRequest, steps, (height, width) of the output frames) or RequestError."""
+    def _request(self, job: SamplerJob) -> tuple[Any, int, tuple[int, int], bool]:
+        """(GenerationRequest, steps, (height, width) of the output frames, whether progress-only
+        responses are wanted) or RequestError."""
         import torch
 
         from flashportrait.sampling.params import GenerationError, GenerationParams
         from flashportrait.sampling.sampler import GenerationRequest
         from flashportrait.sampling.windows import scaled_image_size
 
+        parameters = dict(job.parameters)
+        progress = _flag("progress", parameters.pop("progress", True))
         try:
-            params = GenerationParams.from_mapping(job.parameters)
+            params = GenerationParams.from_mapping(parameters)
             steps = params.scheduler_config(self.sampler.mode).num_steps
         except GenerationError as error:
             raise RequestError(str(error)) from None
@@ -133,7 +146,7 @@ class SamplerService:
             params=params,
             fps=fps,
         )
-        return request, steps, (out_h, out_w)
+        return request, steps, (out_h, out_w), progress
 
     def stream(
         self,
@@ -148,7 +161,7 @@ class SamplerService:
         from flashportrait.sampling.wavefront import SamplingCancelled
 
         started = time.monotonic()
-        request, num_steps, (height, width) = self._request(job)
+        request, num_steps, (height, width), progress = self._request(job)
         fps = job.fps.reshape(-1).astype(np.int64) if job.fps is not None else np.array([0, 1], np.int64)
         state = {"units_done": 0, "units_total": 0, "window": -1, "step": -1, "frames_total": 0, "sent": 0}
         window_seconds: dict[int, float] = {}
@@ -169,6 +182,7 @@ class SamplerService:
 
         if metrics is not None:
             metrics.add(ACTIVE_GENERATIONS, 1)
+        finished = False
         try:
             for event in self.sampler.generate(request, should_cancel):
                 if isinstance(event, VideoChunk):
@@ -201,18 +215,22 @@ class SamplerService:
                         f"(unit {event.units_done}/{event.units_total}) {event.unit_s:.2f} s, "
                         f"frames {event.frames_emitted}/{event.frames_total}"
                     )
-                yield response(state["sent"], np.zeros((0, height, width, 3), np.uint8))
+                if progress:
+                    yield response(state["sent"], np.zeros((0, height, width, 3), np.uint8))
+            finished = True
         except GenerationError as error:
             raise RequestError(str(error)) from None
         except SamplingCancelled:
-            log(
-                f"{job.label}: stopped after unit {state['units_done']}/{state['units_total']} "
-                f"(window {state['window'] + 1}, step {state['step'] + 1}), frames {state['sent']}"
-            )
             raise StreamCancelled(job.label) from None
         finally:
             if metrics is not None:
                 metrics.add(ACTIVE_GENERATIONS, -1)
+            if not finished:
+                # Cancelled (here or by the response loop between two responses) or failed: where it stopped.
+                log(
+                    f"{job.label}: stopped after unit {state['units_done']}/{state['units_total']}, "
+                    f"{state['sent']} frames sent"
+                )
         first = f"{first_frame_s:.2f} s" if first_frame_s is not None else "never"
         log(
             f"{job.label}: done, {state['sent']} frames in {time.monotonic() - started:.2f} s "
