@@ -20,13 +20,12 @@ Host memory: tensors are streamed one at a time (read one, convert/merge/quantis
 `SafetensorsWriter`), so peak RSS is the interpreter plus a few copies of the largest tensor plus
 the read window: the inputs are memory-mapped, and mapped pages count as resident until unmapped,
 so each input is closed and reopened after `--read-budget-mib` of data (default: the largest tensor,
-at least 256 MiB). tests/export measure it.
+at least 64 MiB). tests/export measure it.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import resource
 import shutil
@@ -75,7 +74,7 @@ from flashportrait.weights import (
     open_checkpoint,
 )
 
-MIN_READ_BUDGET = 256 * 2**20
+MIN_READ_BUDGET = 64 * 2**20
 DTYPES = {"bf16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -83,7 +82,7 @@ DTYPES = {"bf16": torch.bfloat16, "float32": torch.float32}
 class PrepareOptions:
     """modes: which DiT files to write (the tiny VAE only with "fast"). dtype: storage dtype.
     fp8: also the fp8 DiT of each mode. lora_compute_dtype: None merges in `dtype` (the reference).
-    read_budget: bytes read from an input before it is reopened (None: largest tensor, >= 256 MiB)."""
+    read_budget: bytes read from an input before it is reopened (None: largest tensor, >= 64 MiB)."""
 
     modes: tuple[str, ...] = MODES
     dtype: torch.dtype = torch.bfloat16
@@ -117,8 +116,7 @@ class StreamingReader:
         assert self.source is not None
         size = _nbytes(self.source.info(key))
         if self._since_open and self._since_open + size > self.budget:
-            self.source = None
-            gc.collect()  # drop the old map before mapping the file again
+            self.source = None  # the last reference: the old map is unmapped here
             self.source = self._opener()
             self._since_open = 0
             self.reopened += 1
