@@ -371,15 +371,20 @@ def model_part(cfg: DiTConfig, args, device: torch.device, out_dir: Path | None)
 
     def run(label, variant, inputs, batch, key, fp8=False):
         set_variant(model, variant)
-        fn = lambda: model(**inputs)  # noqa: E731
+        last: dict[str, torch.Tensor] = {}
+
+        def fn():
+            last["out"] = model(**inputs)
+
         with torch.inference_mode():
             try:
                 times = time_fn(fn, device, args.warmup, args.repeats)
                 if key is not None:
-                    outputs[key] = fn().float()
+                    outputs[key] = last["out"].float()
                 if key in profile_labels and args.profile:
                     prof = profile_forward(fn, out_dir, key, device)
                     results["profiles"][key] = prof
+                    print_profile(key, prof, flop_budget(cfg, 1, args.frames, tokens), fp8=fp8)
             except Exception as exc:
                 print(f"{label}: {type(exc).__name__}: {exc}", flush=True)
                 set_variant(model, {})
@@ -516,7 +521,6 @@ def main(argv: list[str] | None = None) -> int:
         for name, ms, note in rows:
             print(f"| {name} | {'-' if ms != ms else f'{ms:.3f}'} | {note} |")
     if "model" in results:
-        tokens = args.frames * (args.height // 16) * (args.width // 16)
         m = results["model"]
         print("\n| forward | batch | median s | TFLOP/s | peak GiB |\n|---|---|---|---|---|")
         for r in m["variants"]:
@@ -526,8 +530,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"relative L2, {name}: {value:.3e}")
         if "graph" in m:
             print(f"CUDA graph: {m['graph']}")
-        for label, prof in m["profiles"].items():
-            print_profile(label, prof, flop_budget(cfg, 1, args.frames, tokens), fp8=label == "fp8")
     return 0
 
 
