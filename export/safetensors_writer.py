@@ -47,7 +47,7 @@ SAFETENSORS_DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
 }
-HASH_BLOCK = 16 * 2**20  # bytes read at a time when hashing a finished file
+HASH_BLOCK = 4 * 2**20  # bytes read at a time when hashing a finished file
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,13 @@ class WrittenFile:
 
 
 def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, read through one reused buffer (a few MiB of memory, whatever the size)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            digest.update(block)
+    buffer = bytearray(HASH_BLOCK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while count := f.readinto(buffer):
+            digest.update(view[:count])
     return digest.hexdigest()
 
 

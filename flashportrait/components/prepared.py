@@ -316,9 +316,11 @@ def release_key_problems(component: str, shapes: dict[str, tuple[int, ...]], *, 
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(16 * 2**20):
-            digest.update(block)
+    buffer = bytearray(4 * 2**20)
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as f:
+        while count := f.readinto(buffer):
+            digest.update(view[:count])
     return digest.hexdigest()
 
 
