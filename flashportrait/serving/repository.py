@@ -18,8 +18,11 @@ ONNX file used, so it is built once and reused; building is atomic (a staging fo
 place), so servers started at the same time do not see half a repository.
 
     python -m flashportrait.serving.repository --weights DIR [--out DIR] [--model-repository DIR]
+    python -m flashportrait.serving.repository --out DIR --exec tritonserver --model-repository=DIR ...
 
-prints the assembled folder (what the Docker image's init step and `flashportrait serve --weights` run).
+prints the assembled folder; with `--exec` it then replaces itself with the given command. The Docker
+image's entrypoint is the second form, so `docker run` and the Helm chart assemble the repository for
+the mounted weights before `tritonserver` starts (`flashportrait serve --weights` does the same).
 Models read the weights folder from `$FLASHPORTRAIT_WEIGHTS` (see `settings.py`); the server started
 on an assembled repository must have it set.
 """
@@ -209,16 +212,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-repository", type=Path, default=None, help="source repository")
     parser.add_argument("--out", type=Path, default=None, help="build here instead of the cache")
     parser.add_argument("--cache", type=Path, default=None, help="cache folder (default: the user cache)")
+    parser.add_argument(
+        "--exec",
+        dest="command",
+        nargs=argparse.REMAINDER,
+        default=None,
+        help="then run this command in place of this process (the rest of the command line)",
+    )
     args = parser.parse_args(argv)
     if args.weights is None:
         print("error: pass --weights DIR or set $FLASHPORTRAIT_WEIGHTS", file=sys.stderr)
         return 2
     try:
-        print(assemble_repository(args.weights, args.model_repository, args.cache, args.out))
+        built = assemble_repository(args.weights, args.model_repository, args.cache, args.out)
     except RepositoryError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    return 0
+    if not args.command:
+        print(built)
+        return 0
+    print(f"model repository for {args.weights}: {built}", file=sys.stderr, flush=True)
+    os.execvp(args.command[0], args.command)
+    return 1  # not reached: execvp replaces this process or raises
 
 
 if __name__ == "__main__":
