@@ -272,17 +272,22 @@ def export_all(
     the finished files are added to the manifest (also when a later step fails). Returns them."""
     options = options or BuildOptions()
     paths = PreparedPaths(Path(folder))
+    if options.tensorrt:
+        import_tensorrt()  # fail before the exports, not after them
     written: list[Path] = []
     try:
         if "tiny_vae" in read_manifest(paths.root)["components"]:
-            written += export_decoder(paths, options, out)
-        written += export_feature_extractor(paths, options, out)
+            export_decoder(paths, options, out, written)
+        export_feature_extractor(paths, options, out, written)
     finally:
         add_to_manifest(paths, written)
     return written
 
 
-def export_decoder(paths: PreparedPaths, options: BuildOptions, out: Callable[[str], None]) -> list[Path]:
+def export_decoder(
+    paths: PreparedPaths, options: BuildOptions, out: Callable[[str], None], written: list[Path]
+) -> None:
+    """The tiny VAE decoder's ONNX graph (checked) and engine; each finished file joins `written`."""
     from flashportrait.components.prepared import load_prepared
 
     decoder = load_prepared(paths.root, mode="fast", dtype=torch.float32, parts={"tiny_vae"}).tiny_vae
@@ -291,8 +296,9 @@ def export_decoder(paths: PreparedPaths, options: BuildOptions, out: Callable[[s
     out(f"wrote {paths.tiny_vae_onnx}; ONNX Runtime vs PyTorch max |diff| {error:.2e}")
     if error > 1e-4:
         raise RuntimeError(f"{paths.tiny_vae_onnx} disagrees with the PyTorch decoder ({error:.2e})")
+    written.append(paths.tiny_vae_onnx)
     if not options.tensorrt:
-        return [paths.tiny_vae_onnx]
+        return
     layout = GraphLayout.of(decoder)
     build_engine(
         paths.tiny_vae_onnx,
@@ -303,12 +309,13 @@ def export_decoder(paths: PreparedPaths, options: BuildOptions, out: Callable[[s
         extra={LAYOUT_KEY: layout.to_json()},
     )
     out(f"wrote {paths.tiny_vae_engine}")
-    return [paths.tiny_vae_onnx, paths.tiny_vae_engine, record_path(paths.tiny_vae_engine)]
+    written += [paths.tiny_vae_engine, record_path(paths.tiny_vae_engine)]
 
 
 def export_feature_extractor(
-    paths: PreparedPaths, options: BuildOptions, out: Callable[[str], None]
-) -> list[Path]:
+    paths: PreparedPaths, options: BuildOptions, out: Callable[[str], None], written: list[Path]
+) -> None:
+    """The feature extractor's ONNX file (checked) and engine; each finished file joins `written`."""
     from flashportrait.export import motion_encoder as fx
 
     from flashportrait.components.prepared import load_prepared
@@ -321,8 +328,9 @@ def export_feature_extractor(
     if not parity.passed:
         lines = "\n".join(parity.lines())
         raise RuntimeError(f"{onnx_path} disagrees with the PyTorch motion encoder:\n{lines}")
+    written.append(onnx_path)
     if not options.tensorrt:
-        return [onnx_path]
+        return
     low, opt, high = options.feature_batch
     plan = fx.build_tensorrt_engine(
         onnx_path,
@@ -334,7 +342,7 @@ def export_feature_extractor(
         workspace_gib=options.workspace_gib,
     )
     out(f"wrote {plan}")
-    return [onnx_path, plan, record_path(plan)]
+    written += [plan, record_path(plan)]
 
 
 def decoder_parity(decoder, onnx_path: Path, chunks: tuple[int, ...] = (1, 2, 1)) -> float:
