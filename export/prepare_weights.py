@@ -51,11 +51,13 @@ from flashportrait.components.prepared import (
     MANIFEST_FILE,
     TOKENIZER_DIR,
     PreparedPaths,
+    fp8_buffer_names,
+    is_prepared,
+)
+from flashportrait.components.prepared_check import (
     check_prepared,
     component_module,
     component_specs,
-    fp8_buffer_names,
-    is_prepared,
     verify_prepared,
 )
 from flashportrait.config import ConfigError, to_mapping

@@ -34,7 +34,8 @@ from flashportrait.export.tensorrt import (
 )
 from flashportrait.export.tiny_vae_onnx import LATENTS, OnnxTinyVaeDecoder
 
-from flashportrait.components.prepared import PreparedPaths, read_manifest, verify_prepared
+from flashportrait.components.prepared import PreparedPaths, read_manifest
+from flashportrait.components.prepared_check import verify_prepared
 from flashportrait.config import ConfigError
 from flashportrait.models.decoding import decode_all
 from flashportrait.models.tiny_vae import TinyVaeDecoder

@@ -40,7 +40,8 @@ import json, resource, sys
 from pathlib import Path
 import torch
 from flashportrait.components import WeightPaths, resolve_config
-from flashportrait.components.prepared import TENSOR_COMPONENTS, PreparedPaths, component_specs
+from flashportrait.components.prepared import TENSOR_COMPONENTS, PreparedPaths
+from flashportrait.components.prepared_check import component_specs
 from flashportrait.export.prepare_weights import PrepareOptions, prepare_dit, prepare_weights
 
 what, release, out, budget = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])

@@ -21,13 +21,8 @@ from flashportrait.components import (
     MissingWeightsError,
     load_components,
 )
-from flashportrait.components.prepared import (
-    PreparedPaths,
-    is_prepared,
-    load_prepared,
-    read_manifest,
-    verify_prepared,
-)
+from flashportrait.components.prepared import PreparedPaths, is_prepared, load_prepared, read_manifest
+from flashportrait.components.prepared_check import verify_prepared
 from flashportrait.config import ConfigError, to_mapping
 from flashportrait.models.decoding import decode_all
 from flashportrait.models.dit_loading import flashportrait_only_keys, open_dit_checkpoint
