@@ -154,13 +154,17 @@ class Generation:
         self.frames_received = 0
         events = self._events
         self._client.start_stream(callback=lambda result, error: events.put((result, error)))
-        self._client.async_stream_infer(
-            model,
-            inputs,
-            request_id=request_id,
-            parameters=dict(parameters) or None,
-            enable_empty_final_response=True,
-        )
+        try:
+            self._client.async_stream_infer(
+                model,
+                inputs,
+                request_id=request_id,
+                parameters=dict(parameters) or None,
+                enable_empty_final_response=True,
+            )
+        except InferenceServerException as error:
+            self.cancel()
+            raise RequestFailed(error.message()) from None
 
     def __iter__(self) -> Iterator[Event]:
         try:

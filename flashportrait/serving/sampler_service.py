@@ -70,7 +70,8 @@ def _check_matrix(name: str, array: np.ndarray, width: int | None = None) -> np.
         raise RequestError(f"{name} must be {shape}, got {list(array.shape)}")
     if array.dtype != np.float32:
         raise RequestError(f"{name} must be float32, got {array.dtype}")
-    return array
+    # Triton hands out read-only views of its buffers; torch wants arrays it may write to.
+    return array if array.flags.writeable else array.copy()
 
 
 def _flag(name: str, value: Any) -> bool:

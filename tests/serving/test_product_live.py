@@ -7,6 +7,7 @@ on a CPU. Longer generations reuse the clip's features, repeated (`tile_features
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
 from flashportrait.client.client import FlashPortraitClient, FramesChunk, GenerationCancelled, RequestFailed
 from flashportrait.export.demo_weights import write_demo_weights
@@ -383,3 +385,62 @@ def test_ctrl_c_in_animate_cancels_the_request_on_the_server(product: Product, t
     (line,) = product.log_lines("cli-cancel", r"stopped after unit (\d+)/8")
     assert int(line.group(1)) < 8
     assert wait_for(lambda: metric(product, "flashportrait_cancellations_total") == cancelled_before + 1)
+
+
+class RecordingMetrics:
+    """Stands in for `ModelMetrics` (which needs a Triton model process): records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, float]] = []
+
+    def increment(self, spec, value: float = 1.0) -> None:
+        self.calls.append(("increment", spec.name, value))
+
+    def add(self, spec, delta: float) -> None:
+        self.calls.append(("add", spec.name, delta))
+
+    def observe(self, spec, value: float) -> None:
+        self.calls.append(("observe", spec.name, value))
+
+    def named(self, kind: str, name: str) -> list[float]:
+        return [value for k, n, value in self.calls if (k, n) == (kind, f"flashportrait_{name}")]
+
+
+def test_the_sampler_service_runs_in_process_without_triton(product: Product, reference: dict) -> None:
+    from flashportrait.serving.sampler_service import SamplerJob, SamplerService
+    from flashportrait.serving.settings import SamplerSettings, resolve_deployment
+    from flashportrait.serving.streaming import RequestError, StreamCancelled
+
+    settings = SamplerSettings(weights=str(product.weights), device="cpu", dtype="float32")
+    service = SamplerService(settings, resolve_deployment(settings))
+    job = SamplerJob(
+        image=product.image,
+        features=product.driving.features,
+        prompt_embeds=product.prompt_embeds,
+        negative_prompt_embeds=product.negative_embeds,
+        fps=np.array([25, 1], dtype=np.int64),
+        parameters={**SMALL, "seed": 7, "progress": False},
+        label="request local-1",
+    )
+    lines: list[str] = []
+    metrics = RecordingMetrics()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the CPU server's sampler (threads: 1): the same float32 sums
+    try:
+        responses = list(service.stream(job, log=lines.append, metrics=metrics))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(r["FRAMES"].shape[0] > 0 for r in responses)  # progress: false, frames only
+    np.testing.assert_array_equal(np.concatenate([r["FRAMES"] for r in responses]), reference[7])
+    assert sum(metrics.named("increment", "frames_generated_total")) == CLIP_FRAMES - 1
+    assert len(metrics.named("observe", "time_to_first_frame_seconds")) == 1
+    assert len(metrics.named("observe", "window_compute_seconds")) == 2
+    assert metrics.named("add", "active_generations") == [1, -1]
+    assert len([line for line in lines if "request local-1: window" in line]) == 8
+    # Cancellation between window-steps, and a bad parameter, surface as the response loop expects.
+    checks = iter([False] * 3 + [True] * 100)
+    with pytest.raises(StreamCancelled):
+        list(service.stream(job, should_cancel=lambda: next(checks), log=lines.append))
+    assert any(line.startswith("request local-1: stopped after unit 2/8") for line in lines), lines
+    with pytest.raises(RequestError, match="progress must be true or false"):
+        list(service.stream(dataclasses.replace(job, parameters={"progress": "sometimes"})))
