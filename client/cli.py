@@ -59,6 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(mode=None)
     for name, kind in PARAMETER_FLAGS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"generation {name}")
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any other request parameter (model_repository/README.md), sent as text; repeatable",
+    )
     parser.add_argument("--ensemble", action="store_true", help="one call to the flashportrait ensemble")
     parser.add_argument("--no-audio", action="store_true", help="do not mux the driving video's audio")
     parser.add_argument("--request-id", default=None, help="request id (default: random)")
@@ -70,6 +77,11 @@ def generation_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The request parameters given on the command line (the server applies defaults to the rest)."""
     values = {name: getattr(args, name) for name in PARAMETER_FLAGS}
     values["mode"] = args.mode
+    for item in args.param:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--param takes NAME=VALUE, got {item!r}")
+        values[name.strip()] = value.strip()
     return {name: value for name, value in values.items() if value is not None}
 
 
@@ -108,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
     from flashportrait.serving.server import ServerStartError
     from flashportrait.serving.triton_env import TritonNotFoundError
 
+    try:
+        generation_parameters(args)
+    except ValueError as error:
+        return _fail(str(error), 2)
     line = ProgressLine(enabled=not args.quiet)
     try:
         with _server_url(args, line.message) as url:

@@ -9,7 +9,8 @@ never committed; `assemble_repository` makes a runnable repository in a cache fo
   is, except `feature_extractor`, which is rebuilt of links to its files plus `1/model.onnx`;
 - `model.onnx` is, in this order: the prepared folder's
   `<weights>/model_repository/feature_extractor/1/model.onnx` if the weights folder has one (read-only
-  volumes, engines built ahead), else a cached export keyed by the SHA-256 of `pd_fpg.pth` and the
+  volumes, engines built ahead), else a cached export keyed by the SHA-256 of the motion encoder's
+  checkpoint (the release's `pd_fpg.pth`, or a prepared folder's `motion_encoder.safetensors`) and the
   exporter's format version (`<cache>/feature_extractor/<key>/model.onnx`), exported on first use
   (a few seconds on a CPU) and checked against PyTorch with ONNX Runtime.
 
@@ -83,8 +84,12 @@ def feature_extractor_onnx(weights: Path, cache_root: Path | None = None) -> Pat
     if prepared.is_file():
         return prepared
     from flashportrait.components import WeightPaths
+    from flashportrait.components.prepared import PreparedPaths, is_prepared
 
-    checkpoint = WeightPaths.under(weights).motion_encoder
+    if is_prepared(weights):
+        checkpoint = PreparedPaths(weights).tensors("motion_encoder")
+    else:
+        checkpoint = WeightPaths.under(weights).motion_encoder
     if not checkpoint.is_file():
         raise RepositoryError(f"{checkpoint} is missing: the feature extractor is exported from it")
     key = f"{file_digest(checkpoint)[:24]}-{ONNX_FORMAT}"

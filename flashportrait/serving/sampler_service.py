@@ -89,19 +89,21 @@ class SamplerService:
         import torch
 
         from flashportrait.components import SAMPLER_PARTS, load_components
+        from flashportrait.components.prepared import is_prepared, load_prepared
         from flashportrait.sampling.sampler import Sampler
 
-        components = load_components(
-            deployment.weights,
-            mode=deployment.mode,
-            device=deployment.device,
-            dtype=getattr(torch, deployment.dtype),
-            parts=SAMPLER_PARTS,
-        )
-        if deployment.precision == "fp8":
-            from flashportrait.models.fp8_linear import convert_linears_to_fp8
+        load = dict(mode=deployment.mode, device=deployment.device, dtype=getattr(torch, deployment.dtype))
+        if is_prepared(deployment.weights):
+            # A prepared folder holds the fp8 DiT ready-made (prepare_weights --fp8).
+            components = load_prepared(
+                deployment.weights, parts=SAMPLER_PARTS, precision=deployment.precision, **load
+            )
+        else:
+            components = load_components(deployment.weights, parts=SAMPLER_PARTS, **load)
+            if deployment.precision == "fp8":
+                from flashportrait.models.fp8_linear import convert_linears_to_fp8
 
-            convert_linears_to_fp8(components.dit)
+                convert_linears_to_fp8(components.dit)
         self.settings = settings
         self.sampler = Sampler.from_components(
             components, device=deployment.device, decode_chunk_latents=settings.decode_chunk_latents

@@ -89,6 +89,10 @@ def test_only_the_generation_parameters_given_are_sent() -> None:
         "emo_cfg_scale": 2.5,
         "max_size": 96,
     }
+    extra = parse_animate("--param", "alp=true", "--param", "progress = false")
+    assert animate_cli.generation_parameters(extra) == {"alp": "true", "progress": "false"}
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        animate_cli.generation_parameters(parse_animate("--param", "alp"))
 
 
 def test_animate_without_a_server_or_weights_says_what_to_pass(
