@@ -10,11 +10,14 @@ bf16 weights and once after `convert_to_fp8()`. Reports the relative L2 error (|
   inputs: the error of one forward);
 - the guided velocity at every later step (inputs drift apart as the two trajectories do);
 - the final latents.
+With --layer-sets, also which block linears to quantise: for each set, the first step's forward time
+(batch 2) and velocity error, so the error can be traded against speed.
 Noise is the sampler's per-frame noise (`frame_noise(seed, frame, ...)`); conditioning inputs are
 seeded random tensors. With random weights the numbers say how much fp8 rounding moves this network,
 not how the output looks.
 
     python bench/dit_fp8_error.py                   # H200, full size (~2 minutes)
+    python bench/dit_fp8_error.py --no-generation --layer-sets all,ffn,self_attn+ffn
     python bench/dit_fp8_error.py --tiny            # CPU smoke test (fp8 emulated)
 
 Needs torch and this repository only.
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from flashportrait.models.dit_loading import random_dit
+from flashportrait.models.fp8_linear import DIT_FP8_LAYER_SETS
 from flashportrait.models.transformer import DiTConfig, WanDiT
 from flashportrait.sampling.guidance import GuidanceConfig, combine_batched, guidance_passes
 from flashportrait.sampling.sampler import frame_noise
@@ -111,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--text-tokens", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-generation", dest="generation", action="store_false", help="skip the 4 steps")
+    parser.add_argument("--layer-sets", default="", help=f"comma-separated, of {sorted(DIT_FP8_LAYER_SETS)}")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
@@ -134,7 +140,54 @@ def main(argv: list[str] | None = None) -> int:
     noise = torch.cat([frame_noise(args.seed, f, h, w) for f in range(args.frames)], dim=2).to(device)
     print(f"window: {args.frames} latent frames at {args.height}x{args.width}, {passes} guidance passes "
           f"per step, fast path {model.uses_fast_path()}")  # fmt: skip
+    step0 = dict(
+        inputs, x=noise.expand(passes, -1, -1, -1, -1), t=torch.full((passes,), 1000.0, device=device)
+    )
+    finite = True
+    if args.layer_sets:
+        finite &= layer_sets(cfg, args, device, dtype, model, step0)
+    if args.generation:
+        finite &= generation(model, noise, inputs, device, passes)
+    return 0 if finite else 1
 
+
+def timed_forward(model: WanDiT, inputs: dict, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(output, seconds of the second of two calls)."""
+    with torch.inference_mode():
+        model(**inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        out = model(**inputs).float()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return out, time.perf_counter() - begin
+
+
+def layer_sets(cfg, args, device, dtype, model: WanDiT, inputs: dict) -> bool:
+    """Forward time and first-step velocity error for each set of quantised block linears."""
+    bf16, bf16_s = timed_forward(model, inputs, device)
+    rows = [("none (bf16)", 0, bf16_s, 0.0, 0.0, 0.0)]
+    guidance = GuidanceConfig()
+    finite = True
+    for name in args.layer_sets.split(","):
+        variant = random_dit(cfg, seed=args.seed, dtype=dtype, device=device)  # the same weights
+        with torch.no_grad():
+            count = len(variant.convert_to_fp8(name))
+        out, seconds = timed_forward(variant, inputs, device)
+        finite &= bool(torch.isfinite(out).all())
+        guided = rel(combine_batched(guidance, out), combine_batched(guidance, bf16))
+        rows.append((name, count, seconds, rel(out[0], bf16[0]), rel(out[1], bf16[1]), guided))
+        del variant
+    print("\n| fp8 layers | count | s/forward (batch 2) | velocity error pass 0 | pass 1 | guided |")
+    print("|---|---|---|---|---|---|")
+    for name, count, seconds, e0, e1, eg in rows:
+        print(f"| {name} | {count} | {seconds:.3f} | {e0:.3e} | {e1:.3e} | {eg:.3e} |")
+    return finite
+
+
+def generation(model: WanDiT, noise: torch.Tensor, inputs: dict, device: torch.device, passes: int) -> bool:
+    """The 4-step window in bf16, then with every block linear in fp8 (converts `model`)."""
     bf16 = generate(model, noise, inputs, device)
     converted = model.convert_to_fp8()
     print(f"fp8: {len(converted)} block linear layers quantised")
@@ -156,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {value:.3e} |")
     print(f"\nseconds per step (batch {passes}): bf16 {[round(s, 3) for s in bf16['step_s']]}, "
           f"fp8 {[round(s, 3) for s in fp8['step_s']]}; outputs finite: {finite}")  # fmt: skip
-    return 0 if finite else 1
+    return finite
 
 
 if __name__ == "__main__":

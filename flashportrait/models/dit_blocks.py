@@ -19,7 +19,8 @@ memory. q/k/v are one matmul over their concatenated weights (`FusedProjection`)
 modulations and residual updates are the fused kernels of `flashportrait.kernels` (q/k RMS norm +
 RoPE, LN + modulation, residual + LN + modulation, gated residual), which round once where the
 unfused code rounds two or three times; the FFN's GELU runs in the first matmul's epilogue; the
-expression renormalisation takes its statistics in one read per tensor. With FP8Linear layers
+expression renormalisation takes its statistics in one read per tensor and becomes one multiply-add
+plus a per-sample bias of the output projection (`_mix_and_project`). With FP8Linear layers
 (`fp8_linear.convert_linears_to_fp8`) the norms emit the fp8 input of the next matmul directly, and
 q/k/v share one quantised activation. A stream of batch 1 with a context of batch B means the B
 samples share it (identical inputs, `WanDiT`): the self-attention half of the block is computed
@@ -325,7 +326,7 @@ class I2VCrossAttention(nn.Module):
         emo_proj = _samples(emo_proj)
         emo_batch = max(b, emo_proj.shape[0])
         emo = self._expression(_to_batch(q, emo_batch), _to_batch(emo_proj, emo_batch))
-        return self.o(_mix_expression_fast(out, emo, ip_scale))
+        return _mix_and_project(self.o, out, emo, ip_scale)
 
     def _expression(self, q: torch.Tensor, emo_proj: torch.Tensor) -> torch.Tensor:
         """Each latent frame's queries attend to that frame's K expression tokens, all frames in one
@@ -376,16 +377,54 @@ def _moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var.clamp_min(0).sqrt()
 
 
-def _mix_expression_fast(x: torch.Tensor, emo: torch.Tensor, ip_scale: torch.Tensor) -> torch.Tensor:
-    """`_mix_expression` in fewer passes: x + ip * ((emo - mean_e) * r + mean_x) = x + a emo + c with
-    r = std_x / (std_e + eps), a = ip r, c = ip (mean_x - r mean_e), per sample, float32 until the
-    one rounding to x's dtype. x, emo: [1 or B, L, dim]; ip_scale: [B]. Returns [B, L, dim]."""
+def _mix_and_project(
+    linear: nn.Module, x: torch.Tensor, emo: torch.Tensor, ip_scale: torch.Tensor
+) -> torch.Tensor:
+    """`linear(_mix_expression(x, emo, ip_scale))` in fewer passes over memory.
+
+    x + ip ((emo - mean_e) r + mean_x) = x + a emo + c with r = std_x / (std_e + eps), a = ip r and
+    c = ip (mean_x - r mean_e) per sample. x + a emo is one kernel (float32 arithmetic, rounded once
+    to x's dtype); the constant c moves through the linear layer, linear(m + c) = linear(m) +
+    c W 1, into each sample's bias. x, emo: [1 or B, L, K] (1: shared); ip_scale: [B].
+    Returns [B, L, N] in the layer's output dtype."""
     mean_x, std_x = _moments(x)
     mean_e, std_e = _moments(emo)
     ip = ip_scale.float().view(-1, 1, 1)
     ratio = std_x / (std_e + EMO_STD_EPS)
-    mixed = torch.addcmul(ip * (mean_x - ratio * mean_e), emo, ip * ratio)
-    return mixed.add_(x).to(x.dtype)
+    shift = ip * (mean_x - ratio * mean_e)
+    batch, (_, l, k) = ip.shape[0], x.shape
+    mixed = torch.empty(batch, l, k, dtype=x.dtype, device=x.device)
+    torch.addcmul(x, emo, ip * ratio, out=mixed)
+    bias = torch.zeros((), device=x.device) if linear.bias is None else linear.bias.float()
+    biases = bias + shift.view(-1, 1) * _row_sums(linear)
+    if isinstance(linear, FP8Linear):
+        out = [
+            fp8_matmul(mixed[i], linear.weight, linear.weight_scale, biases[i].to(linear.out_dtype),
+                       linear.out_dtype, linear.fast_accum)
+            for i in range(batch)
+        ]  # fmt: skip
+        return torch.stack(out) if batch > 1 else out[0][None]
+    weight = linear.weight
+    out = torch.empty(batch, l, weight.shape[0], dtype=weight.dtype, device=x.device)
+    for i in range(batch):
+        torch.addmm(biases[i].to(weight.dtype), mixed[i].to(weight.dtype), weight.t(), out=out[i])
+    return out
+
+
+def _row_sums(linear: nn.Module) -> torch.Tensor:
+    """[N] float32 sums over the input dimension of the weight the layer multiplies by, cached on the
+    layer while its weight tensor stays the same."""
+    weight = linear.weight
+    key = (weight.data_ptr(), weight.dtype, weight.shape)
+    cached = getattr(linear, "_row_sums", None)
+    if cached is None or cached[0] != key:
+        if isinstance(linear, FP8Linear):
+            sums = linear.dequantized_weight().sum(dim=1)
+        else:
+            sums = weight.sum(dim=1, dtype=torch.float32)
+        cached = (key, sums)
+        linear._row_sums = cached
+    return cached[1]
 
 
 def _is_fp8(*linears: nn.Module) -> bool:

@@ -22,6 +22,7 @@ activations and weights (sqrt(2) x 2.6%), against about 0.17% for bf16 (tests/ke
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -149,6 +150,35 @@ def dit_block_linears(name: str, module: nn.Linear) -> bool:
         and module.in_features % ALIGNMENT == 0
         and module.out_features % ALIGNMENT == 0
     )
+
+
+def dit_token_linears(name: str, module: nn.Linear) -> bool:
+    """`dit_block_linears` less the cross-attention's context projections (text/image keys and
+    values, expression keys and values): they see a few hundred rows per block, so fp8 saves no time
+    there."""
+    return dit_block_linears(name, module) and not _CONTEXT_PROJECTIONS.search(name)
+
+
+def dit_self_attention_ffn_linears(name: str, module: nn.Linear) -> bool:
+    """The self-attention projections and the FFN of every block (the cross-attention stays bf16)."""
+    return dit_block_linears(name, module) and _SELF_OR_FFN.search(name) is not None
+
+
+def dit_ffn_linears(name: str, module: nn.Linear) -> bool:
+    """The FFN layers of every block."""
+    return dit_block_linears(name, module) and ".ffn." in name
+
+
+_CONTEXT_PROJECTIONS = re.compile(r"\.cross_attn\.(k|v|k_img|v_img|emo_k_proj|emo_v_proj)$")
+_SELF_OR_FFN = re.compile(r"\.(self_attn|ffn)\.")
+# Named selections of the DiT's linear layers for `WanDiT.convert_to_fp8` (bench/dit_fp8_error.py
+# measures the time and error of each).
+DIT_FP8_LAYER_SETS: dict[str, Callable[[str, nn.Linear], bool]] = {
+    "all": dit_block_linears,
+    "tokens": dit_token_linears,
+    "self_attn+ffn": dit_self_attention_ffn_linears,
+    "ffn": dit_ffn_linears,
+}
 
 
 def convert_linears_to_fp8(

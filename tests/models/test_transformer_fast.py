@@ -131,22 +131,29 @@ def test_fused_projection_rejects_mixed_layers():
         FusedProjection((attn.q, FP8Linear.from_linear(attn.k)))
 
 
-def test_fast_expression_mix_matches_reference():
+@pytest.mark.parametrize("fp8", [False, True])
+def test_mix_and_project_matches_reference(fp8):
+    """linear(_mix_expression(...)) with the per-sample constant moved into the bias."""
     g = torch.Generator().manual_seed(0)
     # Means below the spreads, as for attention outputs (the one-read variance needs that).
     x = torch.randn(2, 40, 16, generator=g) * 2 + 0.5
     emo = torch.randn(2, 40, 16, generator=g) * 0.1 - 0.05
     scale = torch.tensor([1.0, 0.25])
-    want = dit_blocks._mix_expression(x.double(), emo.double(), scale.double())
-    fast = dit_blocks._mix_expression_fast(x, emo, scale)
-    assert fast.dtype == torch.float32
-    assert _rel(fast, want) < 1e-6
-    # One row of x and emo shared by both samples broadcasts to both.
-    shared = dit_blocks._mix_expression_fast(x[:1], emo[:1], scale)
-    assert (
-        _rel(shared, dit_blocks._mix_expression(x[:1].expand(2, -1, -1), emo[:1].expand(2, -1, -1), scale))
-        < 1e-6
-    )
+    linear = dit_blocks.CastLinear(16, 32)
+    if fp8:
+        linear = FP8Linear.from_linear(linear)
+    with torch.no_grad():
+        want = linear(dit_blocks._mix_expression(x.double(), emo.double(), scale.double()).float())
+        fast = dit_blocks._mix_and_project(linear, x, emo, scale)
+        # One row of x and emo shared by both samples broadcasts to both.
+        shared = dit_blocks._mix_and_project(linear, x[:1], emo[:1], scale)
+        shared_want = linear(
+            dit_blocks._mix_expression(x[:1].expand(2, -1, -1), emo[:1].expand(2, -1, -1), scale)
+        )
+    assert fast.shape == shared.shape == (2, 40, 32)
+    tolerance = 0.05 if fp8 else 1e-6  # fp8: the input is quantised before or after the shift
+    assert _rel(fast, want) < tolerance
+    assert _rel(shared, shared_want) < tolerance
 
 
 def test_fp8_blocks_on_the_cpu_stay_close_to_bf16():
@@ -237,3 +244,16 @@ def test_gpu_forward_never_synchronises(fp8):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out).all()
+
+
+def test_fp8_layer_sets():
+    cfg = tiny_config(dim=64, num_heads=4, ffn_dim=96, emo_dim=32)
+    model = random_dit(cfg, seed=3, dtype=torch.bfloat16)
+    names = model.convert_to_fp8("self_attn+ffn")
+    assert names and all(".self_attn." in n or ".ffn." in n for n in names)
+    assert not isinstance(model.blocks[0].cross_attn.q, FP8Linear)
+    model = random_dit(cfg, seed=3, dtype=torch.bfloat16)
+    tokens = set(model.convert_to_fp8("tokens"))
+    assert "blocks.0.cross_attn.q" in tokens and "blocks.0.cross_attn.k_img" not in tokens
+    with pytest.raises(ValueError, match="fp8 layer set"):
+        model.convert_to_fp8("most")
