@@ -72,7 +72,7 @@ class WrittenFile:
 
     path: Path
     size: int
-    sha256: str
+    sha256: str | None
     dtypes: dict[str, dict[str, int]]
     tensors: int
 
@@ -99,11 +99,17 @@ class SafetensorsWriter:
 
     specs: every tensor of the file (unique names). Each `write` must give a CPU tensor of exactly
     its spec's dtype and shape; closing checks that every spec was written. `order` is the file's
-    data order: writing in that order lets the hash be computed on the fly.
+    data order: writing in that order lets the hash be computed on the fly. digest: False skips the
+    sha256 (`WrittenFile.sha256` is None), e.g. for benchmark files.
     """
 
     def __init__(
-        self, path: str | Path, specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None
+        self,
+        path: str | Path,
+        specs: Sequence[TensorSpec],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        digest: bool = True,
     ):
         self.path = Path(path)
         names = [s.name for s in specs]
@@ -142,7 +148,8 @@ class SafetensorsWriter:
         self._specs = {s.name: s for s in specs}
         self._written: set[str] = set()
         self._next = 0  # index in `order` of the next tensor if writes stay sequential
-        self._digest: hashlib._Hash | None = hashlib.sha256(self._prefix)
+        self._want_digest = digest
+        self._digest: hashlib._Hash | None = hashlib.sha256(self._prefix) if digest else None
         self._partial = self.path.with_name(self.path.name + ".partial")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = os.open(self._partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -192,7 +199,10 @@ class SafetensorsWriter:
         os.close(self._fd)
         self._fd = None
         os.replace(self._partial, self.path)
-        sha = self._digest.hexdigest() if self._digest is not None else file_sha256(self.path)
+        if not self._want_digest:
+            sha = None
+        else:
+            sha = self._digest.hexdigest() if self._digest is not None else file_sha256(self.path)
         dtypes: dict[str, dict[str, int]] = {}
         for spec in self.order:
             entry = dtypes.setdefault(SAFETENSORS_DTYPE_NAMES[spec.dtype], {"tensors": 0, "bytes": 0})

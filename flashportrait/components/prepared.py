@@ -34,7 +34,9 @@ safetensors metadata (`dit_loading.prepared_metadata`).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,11 +54,11 @@ from flashportrait.models import portrait_encoder as portrait_model
 from flashportrait.models import t5 as t5_model
 from flashportrait.models import tiny_vae as tiny_model
 from flashportrait.models import wan_vae as vae_model
-from flashportrait.models.dit_loading import load_dit
+from flashportrait.models.dit_loading import CONFIG_METADATA_KEY, load_dit
 from flashportrait.models.lora import LoraMergeReport
 from flashportrait.models.tokenizer import UMT5Tokenizer
 from flashportrait.models.transformer import DiTConfig, WanDiT, build_meta
-from flashportrait.weights import SafetensorsFile, load_into
+from flashportrait.weights import InMemorySource, SafetensorsFile, load_into
 
 FORMAT = "flashportrait-prepared"
 FORMAT_VERSION = 1
@@ -223,6 +225,111 @@ def fp8_buffer_names(model: nn.Module) -> set[str]:
 # ---- loading ----
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fmt: skip
+READERS = ("mmap", "direct")
+
+
+def read_safetensors(
+    path: str | Path,
+    device: torch.device | str,
+    *,
+    chunk_bytes: int = 64 * 2**20,
+    workers: int = 4,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file on `device`, and the file's metadata.
+
+    The file's data region is read with large sequential reads into ONE buffer on `device`, and the
+    tensors are views of it (the file's layout aligns each to its element size), instead of one
+    page-faulted copy per tensor from a memory map. On CUDA the bytes pass through `workers` pinned
+    host buffers of `chunk_bytes`, each read by its own thread and copied asynchronously on its own
+    stream while the others read, so the host holds `workers * chunk_bytes`, never the file.
+    """
+    path, device = Path(path), torch.device(device)
+    with path.open("rb", buffering=0) as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    start = 8 + size
+    data = torch.empty(path.stat().st_size - start, dtype=torch.uint8, device=device)
+    if device.type == "cuda":
+        _read_through_pinned(path, start, data, chunk_bytes, workers)
+    else:
+        _read_into(path, start, memoryview(data.numpy()))
+    tensors = {}
+    for name, entry in header.items():
+        if name != "__metadata__":
+            begin, end = entry["data_offsets"]
+            tensors[name] = data[begin:end].view(_DTYPES[entry["dtype"]]).view(entry["shape"])
+    return tensors, header.get("__metadata__", {})
+
+
+def _read_into(path: Path, offset: int, target: memoryview, fd: int | None = None) -> None:
+    """Fill `target` with the file's bytes from `offset` (reads until full; short reads happen)."""
+    own = fd is None
+    fd = os.open(path, os.O_RDONLY) if own else fd
+    try:
+        done = 0
+        while done < len(target):
+            got = os.preadv(fd, [target[done:]], offset + done)
+            if got == 0:
+                raise PreparedWeightsError(f"{path} ends before its header says (truncated file)")
+            done += got
+    finally:
+        if own:
+            os.close(fd)
+
+
+def _read_through_pinned(path: Path, start: int, data: torch.Tensor, chunk_bytes: int, workers: int) -> None:
+    size = data.numel()
+    chunks = [(offset, min(chunk_bytes, size - offset)) for offset in range(0, size, chunk_bytes)]
+    workers = max(1, min(workers, len(chunks)))
+
+    def work(index: int) -> None:
+        with torch.cuda.device(data.device):
+            buffer = torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True)
+            view = memoryview(buffer.numpy())
+            stream, copied = torch.cuda.Stream(), torch.cuda.Event()
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for offset, length in chunks[index::workers]:
+                    copied.synchronize()  # the previous copy out of this buffer has finished
+                    _read_into(path, start + offset, view[:length], fd)
+                    with torch.cuda.stream(stream):
+                        data[offset : offset + length].copy_(buffer[:length], non_blocking=True)
+                        copied.record(stream)
+                copied.synchronize()
+            finally:
+                os.close(fd)
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(work, range(workers)))  # re-raises a worker's error
+
+
+def load_prepared_dit(
+    path: str | Path,
+    config: DiTConfig,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    reader: str = "mmap",
+) -> WanDiT:
+    """A bf16 DiT file of a prepared folder. reader "mmap": `load_dit` (memory-mapped, one tensor at
+    a time); "direct": `read_safetensors` (large reads into one device buffer; the parameters are
+    views of it when `dtype` is the file's)."""
+    if reader not in READERS:
+        raise ConfigError(f"reader must be one of {list(READERS)}, got {reader!r}")
+    if reader == "mmap":
+        return load_dit(path, config=config, dtype=dtype, device=device)
+    tensors, metadata = read_safetensors(path, device)
+    stated = metadata.get(CONFIG_METADATA_KEY)
+    if stated is not None and DiTConfig.from_reference(json.loads(stated), where=str(path)) != config:
+        raise ConfigError(f"{path} holds a DiT of another configuration than the folder's")
+    model = build_meta(config)
+    load_into(model, InMemorySource(tensors, description=str(path)), strict=True, dtype=dtype, device=device)
+    return model.eval()
+
+
 def load_fp8_dit(
     path: str | Path,
     config: DiTConfig,
@@ -285,6 +392,7 @@ def load_prepared(
     lora_compute_dtype: torch.dtype | None = None,
     text_cache_size: int = 0,
     verify_hashes: bool = False,
+    dit_reader: str = "mmap",
 ) -> Components:
     """`load_components` for a prepared folder: the same models, loaded from its safetensors files
     (memory-mapped, each tensor converted to `dtype` and moved to `device` as it is read).
@@ -293,6 +401,7 @@ def load_prepared(
     lora_strength / lora_compute_dtype: None accepts the folder's merge; a value must equal it
     (the merge was done when the folder was prepared).
     verify_hashes: sha256 every file against the manifest first (reads every byte once).
+    dit_reader: how the bf16 DiT file is read (`load_prepared_dit`).
     """
     check_mode(mode)
     parts = check_parts(parts)
@@ -330,7 +439,7 @@ def load_prepared(
         if precision == "fp8":
             out.dit = load_fp8_dit(path, cfg.dit, dtype=dtype, device=device)
         else:
-            out.dit = load_dit(path, config=cfg.dit, dtype=dtype, device=device)
+            out.dit = load_prepared_dit(path, cfg.dit, dtype=dtype, device=device, reader=dit_reader)
         if mode == "fast":
             _check_lora_options(manifest, lora_strength, lora_compute_dtype)
             out.lora = _lora_report(manifest)
@@ -373,6 +482,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_FILE",
     "PRECISIONS",
+    "READERS",
     "TENSOR_COMPONENTS",
     "TINY_VAE_ENGINE",
     "TINY_VAE_ONNX",
@@ -386,5 +496,7 @@ __all__ = [
     "is_prepared",
     "load_fp8_dit",
     "load_prepared",
+    "load_prepared_dit",
     "read_manifest",
+    "read_safetensors",
 ]

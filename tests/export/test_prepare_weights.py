@@ -21,7 +21,13 @@ from flashportrait.components import (
     MissingWeightsError,
     load_components,
 )
-from flashportrait.components.prepared import PreparedPaths, is_prepared, load_prepared, read_manifest
+from flashportrait.components.prepared import (
+    PreparedPaths,
+    is_prepared,
+    load_prepared,
+    read_manifest,
+    read_safetensors,
+)
 from flashportrait.components.prepared_check import verify_prepared
 from flashportrait.config import ConfigError, to_mapping
 from flashportrait.models.decoding import decode_all
@@ -279,3 +285,26 @@ def test_cli_verify(prepared, capsys):
     assert main(["--verify", str(prepared)]) == 0
     assert "verified" in capsys.readouterr().out
     assert Path(prepared).is_dir()
+
+
+# ---- the direct reader ----
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="needs CUDA")])],
+)  # fmt: skip
+def test_direct_reader_reads_every_tensor_bit_for_bit(prepared, device):
+    for component in ("dit_fast", "dit_fast_fp8", "motion_encoder"):
+        path = PreparedPaths(prepared).tensors(component)
+        # small chunks and several workers: many chunks, each tensor spread over several of them
+        tensors, metadata = read_safetensors(path, device, chunk_bytes=4096, workers=3)
+        expected = SafetensorsFile(path)
+        assert set(tensors) == set(expected) and metadata == expected.metadata
+        for key in expected:
+            assert tensors[key].device.type == device and tensors[key].dtype == expected[key].dtype, key
+            assert torch.equal(u8(tensors[key]).cpu(), u8(expected[key])), key
+    direct = load_prepared(prepared, parts={"dit"}, dtype=BF16, device=device, dit_reader="direct").dit
+    mapped = load_prepared(prepared, parts={"dit"}, dtype=BF16, device=device).dit
+    assert_same_state(direct, mapped, "dit")
