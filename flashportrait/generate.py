@@ -18,8 +18,10 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 WEIGHTS_ENV = "FLASHPORTRAIT_WEIGHTS"
 
@@ -65,9 +67,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bf16 on GPU")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument(
+        "--memory",
+        default="resident",
+        help="memory mode: resident (default), or a '+'-joined combination of fp8, components and "
+        "blockwise, e.g. fp8+blockwise for 24 GB cards (flashportrait.memory)",
+    )
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="split each DiT call over this many GPUs of this host (sequence parallelism; "
+        "with --device cpu: as many CPU processes)",
+    )
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, sampler_hook: Callable[[Any], None] | None = None) -> int:
+    """The command; `sampler_hook(sampler)` is called once the sampler exists (the multi-GPU driver
+    attaches sequence parallelism with it)."""
     from flashportrait.components import MissingWeightsError
     from flashportrait.config import ConfigError
     from flashportrait.face.errors import FaceFrontEndError
@@ -82,8 +99,14 @@ def run(args: argparse.Namespace) -> int:
         CheckpointError,
         CheckpointMismatchError,
     )
+    if getattr(args, "gpus", 1) < 1:
+        return _fail(f"--gpus must be >= 1, got {args.gpus}")
+    if getattr(args, "gpus", 1) > 1:
+        from flashportrait.parallel.generate import run_parallel
+
+        return run_parallel(args)
     try:
-        return _generate(args)
+        return _generate(args, sampler_hook)
     except user_errors as exc:
         return _fail(str(exc))
 
@@ -112,19 +135,20 @@ def _params(args: argparse.Namespace):
     return GenerationParams.from_mapping({k: v for k, v in values.items() if v is not None})
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _generate(args: argparse.Namespace, sampler_hook: Callable[[Any], None] | None = None) -> int:
     import numpy as np
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from flashportrait.components import load_components
     from flashportrait.face.pipeline import FaceFrontEnd, FaceFrontEndConfig
     from flashportrait.face.warp import encoder_input
     from flashportrait.media_writer import VideoWriter
+    from flashportrait.memory import MemoryMode, load_components_for
     from flashportrait.sampling.params import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, GenerationError
     from flashportrait.sampling.sampler import GenerationProgress, GenerationRequest, Sampler, VideoChunk
 
     params = _params(args)  # bad parameters fail before anything is loaded
+    memory = MemoryMode.parse(getattr(args, "memory", "resident"))
     if args.weights is None:
         raise GenerationError(f"no weights folder: pass --weights DIR or set ${WEIGHTS_ENV}")
     if args.max_frames < 0:
@@ -142,8 +166,13 @@ def _generate(args: argparse.Namespace) -> int:
         else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     )
     log = _Log(args.quiet)
-    log(f"loading {args.mode} models from {args.weights} on {device} ({str(dtype).removeprefix('torch.')})")
-    components = load_components(args.weights, mode=args.mode, device=device, dtype=dtype)
+    log(
+        f"loading {args.mode} models from {args.weights} on {device} ({str(dtype).removeprefix('torch.')}, "
+        f"memory mode {memory})"
+    )
+    components, _ = load_components_for(
+        args.weights, memory=memory, mode=args.mode, device=device, dtype=dtype
+    )
 
     log(f"tracking the face in {args.video}")
     front = FaceFrontEnd(
@@ -177,6 +206,8 @@ def _generate(args: argparse.Namespace) -> int:
         fps=driving.info.fps,
     )
     sampler = Sampler.from_components(components)
+    if sampler_hook is not None:
+        sampler_hook(sampler)
     audio = None if args.no_audio or driving.info.audio is None else args.video
     writer: VideoWriter | None = None
     started = time.monotonic()
