@@ -444,3 +444,19 @@ def test_the_sampler_service_runs_in_process_without_triton(product: Product, re
     assert any(line.startswith("request local-1: stopped after unit 2/8") for line in lines), lines
     with pytest.raises(RequestError, match="progress must be true or false"):
         list(service.stream(dataclasses.replace(job, parameters={"progress": "sometimes"})))
+
+
+def test_face_align_refuses_a_video_longer_than_max_frames(product: Product) -> None:
+    from flashportrait.serving.services import FaceAlignService
+    from flashportrait.serving.settings import FaceAlignSettings, resolve_deployment
+    from flashportrait.serving.streaming import RequestError
+
+    settings = FaceAlignSettings(weights=str(product.weights), device="cpu", max_frames=5)
+    service = FaceAlignService(settings, resolve_deployment(settings))
+    with pytest.raises(
+        RequestError, match="the driving video has more than 5 frames; this server takes at most 5"
+    ):
+        service.align(product.video)
+    settings = FaceAlignSettings(weights=str(product.weights), device="cpu", max_frames=CLIP_FRAMES)
+    aligned = FaceAlignService(settings, resolve_deployment(settings)).align(product.video)
+    assert aligned["CROPS"].shape == (CLIP_FRAMES, 224, 224, 3) and aligned["FPS"].tolist() == [25, 1]
