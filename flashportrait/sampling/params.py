@@ -8,6 +8,11 @@ Modes (`mode`): "fast" = the step-distilled DiT (LoRA merged at load time), the 
 schedule and the tiny VAE decoder; "quality" = the plain DiT, 30-step flow-matching Euler and the Wan
 VAE decoder (infer.py). Which DiT and decoder are loaded is a deployment choice
 (`flashportrait.components`); a request may only ask for the mode its sampler was loaded in.
+
+`alp` switches on the paper's Adaptive Latent Prediction (`alp.py`) for one request: the DiT runs every
+`alp_interval` steps after `alp_order` + 1 warm-up steps and the other steps are forecast. It is for
+many-step schedules (the quality mode's 30 Euler steps); with the fast mode's 4 distilled steps there
+is nothing to skip and the request is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from flashportrait.sampling.alp import MAX_ORDER as MAX_ALP_ORDER
+from flashportrait.sampling.alp import ALPConfig
 from flashportrait.sampling.guidance import GuidanceConfig
 from flashportrait.sampling.schedulers import KINDS, SchedulerConfig
 
@@ -59,6 +66,9 @@ class GenerationParams:
     max_size: longer side of the reference image after resizing (then rounded up to 16).
     context_size, context_overlap: window and overlap in latent frames (the reference's 51 and 30).
     shift: the flow-matching time shift (5).
+    alp: Adaptive Latent Prediction on (many-step schedules only; see the module docstring);
+    alp_interval: K, DiT passes every K steps after the warm-up (1 = every step, the full computation);
+    alp_order: n, the highest Taylor order (0..3), also n + 1 warm-up passes. Ignored when alp is off.
     """
 
     mode: str | None = None
@@ -72,6 +82,9 @@ class GenerationParams:
     context_size: int = 51
     context_overlap: int = 30
     shift: float = 5.0
+    alp: bool = False
+    alp_interval: int = 5
+    alp_order: int = 3
 
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in MODES:
@@ -93,6 +106,10 @@ class GenerationParams:
         _check_float("shift", self.shift, 0.0, MAX_SHIFT)
         if self.shift == 0:
             raise GenerationError("shift must be positive")
+        if not isinstance(self.alp, bool):
+            raise GenerationError(f"alp must be true or false, got {self.alp!r}")
+        _check_int("alp_interval", self.alp_interval, 1, MAX_STEPS)
+        _check_int("alp_order", self.alp_order, 0, MAX_ALP_ORDER)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> GenerationParams:
@@ -125,6 +142,18 @@ class GenerationParams:
             )
         return SchedulerConfig(kind=kind, num_steps=steps, shift=float(self.shift))
 
+    def alp_config(self, sampler_mode: str) -> ALPConfig | None:
+        """The request's Adaptive Latent Prediction, or None when it is off."""
+        if not self.alp:
+            return None
+        kind = self.scheduler_config(sampler_mode).kind
+        if kind == "step_distill":
+            raise GenerationError(
+                "alp (Adaptive Latent Prediction) is for many-step sampling (quality mode, 30 Euler "
+                f"steps); the fast mode's {STEP_DISTILL_STEPS} distilled steps have no steps to skip"
+            )
+        return ALPConfig(interval=self.alp_interval, order=self.alp_order)
+
     def guidance(self) -> GuidanceConfig:
         return GuidanceConfig(float(self.emo_cfg_scale), float(self.text_cfg_scale), float(self.ip_scale))
 
@@ -146,8 +175,12 @@ def _check_float(name: str, value: object, low: float, high: float) -> None:
         raise GenerationError(f"{name} must be between {low:g} and {high:g}, got {value}")
 
 
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
 def _parse(name: str, value: Any, hint: Any) -> Any:
-    """`value` converted to the field type `hint` (int, float, str, or X | None)."""
+    """`value` converted to the field type `hint` (bool, int, float, str, or X | None)."""
     optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
     base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
     if value is None or (isinstance(value, str) and value.strip() == ""):
@@ -156,6 +189,8 @@ def _parse(name: str, value: Any, hint: Any) -> Any:
         return _DEFAULT
     if base is str:
         return str(value)
+    if base is bool:
+        return _parse_bool(name, value)
     if isinstance(value, bool):
         raise GenerationError(f"{name} must be a number, got {value!r}")
     try:
@@ -172,3 +207,14 @@ def _parse(name: str, value: Any, hint: Any) -> Any:
     except (TypeError, ValueError, OverflowError):
         kind = "an integer" if base is int else "a number"
         raise GenerationError(f"{name} must be {kind}, got {value!r}") from None
+
+
+def _parse_bool(name: str, value: Any) -> bool:
+    """True/False, 1/0, or the strings true/false, yes/no, on/off, 1/0 (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise GenerationError(f"{name} must be true or false, got {value!r}")

@@ -12,7 +12,8 @@ reference image resized and encoded ONCE into the shared conditioning (`conditio
 video planned into windows (`windows.py`), denoised in wavefront order (`wavefront.py`; one batched
 DiT call per window and step over the guidance passes of `guidance.py`), and every latent frame that
 becomes final is decoded at once (`decode_stream.py`) and handed out, pipeline frame 0 dropped.
-Latents stay float32 (the reference's bf16 blend cast is not applied: `BlendCast.NONE`).
+Latents stay float32 (the reference's bf16 blend cast is not applied: `BlendCast.NONE`). With
+`GenerationParams.alp` most window-steps forecast the passes instead of calling the DiT (`alp.py`).
 
 Deviation: initial noise. The reference draws the whole [1, 16, T, h, w] noise tensor with one
 `randn` from a generator seeded with the seed. That tensor grows with the video and its values depend
@@ -41,6 +42,7 @@ from flashportrait.models.emo_split import EmotionSplitPlan, plan_emotion_split,
 from flashportrait.models.portrait_encoder import PortraitEncoder
 from flashportrait.models.transformer import WanDiT
 from flashportrait.models.wan_vae import WanVAE
+from flashportrait.sampling.alp import AdaptiveLatentPredictor, ALPConfig
 from flashportrait.sampling.conditioning import (
     Conditioning,
     build_conditioning,
@@ -80,7 +82,8 @@ class PreparedRequest:
     """A validated request with everything shared by its windows (built once by `Sampler.prepare`).
 
     features: [num_frames, 554] float32 CPU (the 4k+1 driving frames used); context: [P, L, text_dim]
-    float32 and context_lens [P] per guidance pass; ip_scales [P] float32.
+    float32 and context_lens [P] per guidance pass; ip_scales [P] float32; alp: the request's Adaptive
+    Latent Prediction (None: every window-step calls the DiT).
     """
 
     request: GenerationRequest
@@ -94,6 +97,7 @@ class PreparedRequest:
     context: torch.Tensor
     context_lens: torch.Tensor
     ip_scales: torch.Tensor
+    alp: ALPConfig | None = None
 
     @property
     def num_steps(self) -> int:
@@ -113,7 +117,9 @@ def frame_noise(seed: int, frame: int, height: int, width: int) -> torch.Tensor:
 
 
 class WindowDenoiser:
-    """The `Denoiser` of `run_wavefront` for one request: one batched DiT call per (window, step).
+    """The `Denoiser` of `run_wavefront` for one request: one batched DiT call per (window, step); with
+    `prepared.alp`, only at the steps where ALP runs the model and a forecast at the others (`alp`: the
+    predictor, holding one history per window in flight).
 
     The expression tokens of a window are computed when the window first runs (its step 0) and
     dropped after its last step, so only the windows in flight hold them.
@@ -141,6 +147,7 @@ class WindowDenoiser:
         self._context_lens = prepared.context_lens.to(device)
         self._ip = prepared.ip_scales.to(device)
         self._uses_expression = bool((prepared.ip_scales != 0).any())
+        self.alp = None if prepared.alp is None else AdaptiveLatentPredictor(prepared.alp, prepared.num_steps)
         self._timesteps = prepared.scheduler.timesteps.to(device)
         h, w = cond.latent_size
         pt, ph, pw = sampler.dit.config.patch_size
@@ -198,7 +205,10 @@ class WindowDenoiser:
         return out.float()
 
     def __call__(self, window: int, step: int, x: torch.Tensor) -> torch.Tensor:
-        predictions = self.predict_passes(window, step, x)
+        if self.alp is None:
+            predictions = self.predict_passes(window, step, x)
+        else:
+            predictions = self.alp(window, step, x, lambda: self.predict_passes(window, step, x))
         if self.on_passes is not None:
             self.on_passes(window, step, predictions)
         if step == self.prepared.num_steps - 1:
@@ -312,6 +322,7 @@ class Sampler:
             context=context,
             context_lens=lens,
             ip_scales=torch.tensor([p.ip_scale for p in passes], dtype=torch.float32),
+            alp=params.alp_config(self.mode),
         )
 
     def _check_features(self, features: np.ndarray | torch.Tensor) -> torch.Tensor:
