@@ -1,4 +1,4 @@
-"""The prepared (serving) weights folder: its layout, its verification, and loading from it.
+"""The prepared (serving) weights folder: its layout, its manifest, and loading from it.
 
 `python -m flashportrait.export.prepare_weights --release DIR --out DIR` turns the release files into
 this folder (see that module for how); the serving image mounts it as `$FLASHPORTRAIT_WEIGHTS`::
@@ -27,8 +27,24 @@ release folder loaded with the same dtype), in the storage dtype (bf16 by defaul
 motion encoders in float32, as the reference runs them). DiT files carry the DiT config in their
 safetensors metadata (`dit_loading.prepared_metadata`).
 
+`manifest.json` (format_version 1)::
+
+    {"format": "flashportrait-prepared", "format_version": 1,
+     "created_by": "flashportrait.export.prepare_weights", "source": "<release root>",
+     "config": {...DeploymentConfig...}, "modes": ["fast", "quality"], "dtype": "bfloat16",
+     "fp8": false, "components": ["clip", "dit_fast", ...],
+     "lora": {"source": "fast_lora_rank64.safetensors", "strength": 1.0,
+              "compute_dtype": null | "torch.float32", "merged": [[param, how], ...],
+              "skipped": [[key, why], ...], "ignored": [...]} | null,
+     "files": {"<path relative to root>": {"size": int, "sha256": hex,
+               ("tensors": int, "dtypes": {"BF16": {"tensors": int, "bytes": int}, ...})}}}
+
+(`tensors`/`dtypes` for safetensors files only; `python -m flashportrait.export.engines` adds the
+ONNX files and engines it writes to `files`.) A folder without `manifest.json` is unfinished.
+`prepared_check.verify_prepared` checks a folder against its manifest and the models.
+
 `load_prepared` mirrors `load_components` (which hands a prepared folder to it) and adds
-`precision="fp8"` for the fp8 DiT files.
+`precision="fp8"` for the fp8 DiT files and `dit_reader="direct"` (`read_safetensors`).
 """
 
 from __future__ import annotations
