@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         help="DiT arithmetic: fused fast path, unfused reference, or the model's default (fast on CUDA)",
     )  # fmt: skip
     parser.add_argument("--fp8", action="store_true", help="fp8 block linear layers (convert_to_fp8)")
+    parser.add_argument("--fp8-layers", default=None, help="fp8 layer set (default: convert_to_fp8's)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     model.fast_path = {"auto": None, "fast": True, "reference": False}[args.path]
     if args.fp8:
         with torch.no_grad():
-            model.convert_to_fp8()
+            model.convert_to_fp8(*([args.fp8_layers] if args.fp8_layers else []))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     tensors = [*model.parameters(), *model.buffers()]  # FP8Linear keeps its weights as buffers

@@ -4,7 +4,7 @@ Builds the DiT (Wan2.1-I2V-14B + expression attention) with random bf16 weights 
 one fast-mode window twice from the same fixed noise: a 4-step StepDistill generation of 51 latent
 frames at 512x512 (a whole 201-frame clip's window) with the default guidance (emo 4, text 1: the
 passes posi and no_emo as one batch of 2, inputs shared as the sampler passes them), once with the
-bf16 weights and once after `convert_to_fp8()`. Reports the relative L2 error (||fp8 - bf16|| /
+bf16 weights and once after `convert_to_fp8(--layers)`. Reports the relative L2 error (||fp8 - bf16|| /
 ||bf16||) of
 - the velocity prediction of each pass and of the guided velocity at the first step (identical
   inputs: the error of one forward);
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from flashportrait.models.dit_loading import random_dit
-from flashportrait.models.fp8_linear import DIT_FP8_LAYER_SETS
+from flashportrait.models.fp8_linear import DEFAULT_FP8_LAYERS, DIT_FP8_LAYER_SETS
 from flashportrait.models.transformer import DiTConfig, WanDiT
 from flashportrait.sampling.guidance import GuidanceConfig, combine_batched, guidance_passes
 from flashportrait.sampling.sampler import frame_noise
@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-tokens", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-generation", dest="generation", action="store_false", help="skip the 4 steps")
+    parser.add_argument("--layers", default=DEFAULT_FP8_LAYERS, choices=sorted(DIT_FP8_LAYER_SETS),
+                        help="fp8 layer set of the 4-step generation")  # fmt: skip
     parser.add_argument("--layer-sets", default="", help=f"comma-separated, of {sorted(DIT_FP8_LAYER_SETS)}")
     args = parser.parse_args(argv)
 
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.layer_sets:
         finite &= layer_sets(cfg, args, device, dtype, model, step0)
     if args.generation:
-        finite &= generation(model, noise, inputs, device, passes)
+        finite &= generation(model, noise, inputs, device, passes, args.layers)
     return 0 if finite else 1
 
 
@@ -186,11 +188,13 @@ def layer_sets(cfg, args, device, dtype, model: WanDiT, inputs: dict) -> bool:
     return finite
 
 
-def generation(model: WanDiT, noise: torch.Tensor, inputs: dict, device: torch.device, passes: int) -> bool:
-    """The 4-step window in bf16, then with every block linear in fp8 (converts `model`)."""
+def generation(
+    model: WanDiT, noise: torch.Tensor, inputs: dict, device: torch.device, passes: int, layers: str
+) -> bool:
+    """The 4-step window in bf16, then with the `layers` set in fp8 (converts `model`)."""
     bf16 = generate(model, noise, inputs, device)
-    converted = model.convert_to_fp8()
-    print(f"fp8: {len(converted)} block linear layers quantised")
+    converted = model.convert_to_fp8(layers)
+    print(f"fp8: {len(converted)} block linear layers quantised ({layers})")
     fp8 = generate(model, noise, inputs, device)
 
     rows = [

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from flashportrait.models import dit_blocks
 from flashportrait.models.attention import attention
 from flashportrait.models.dit_loading import random_dit
+from flashportrait.models.fp8_linear import DEFAULT_FP8_LAYERS, DIT_FP8_LAYER_SETS
 from flashportrait.models.transformer import DiTConfig, WanDiT
 
 EXPRESSION_TOKENS = 97
@@ -419,12 +420,20 @@ def model_part(cfg: DiTConfig, args, device: torch.device, out_dir: Path | None)
     if args.fp8:
         begin = time.perf_counter()
         with torch.no_grad():
-            converted = model.convert_to_fp8()
+            converted = model.convert_to_fp8(args.fp8_layers)
         sync(device)
-        print(f"fp8: {len(converted)} layers quantised in {time.perf_counter() - begin:.1f}s", flush=True)
+        print(f"fp8 ({args.fp8_layers}): {len(converted)} layers quantised in "
+              f"{time.perf_counter() - begin:.1f}s", flush=True)  # fmt: skip
         profile_labels.add("fp8")
-        run("fp8 linear layers, fast, batch 1", {"fast": True}, b1, 1, "fp8", fp8=True)
-        run("fp8 linear layers, fast, batch 2 (shared inputs)", {"fast": True}, b2s, 2, "fp8_b2", fp8=True)
+        run(f"fp8 {args.fp8_layers} linears, fast, batch 1", {"fast": True}, b1, 1, "fp8", fp8=True)
+        run(
+            f"fp8 {args.fp8_layers} linears, fast, batch 2 (shared inputs)",
+            {"fast": True},
+            b2s,
+            2,
+            "fp8_b2",
+            fp8=True,
+        )
         if "fp8" in outputs and "ref" in outputs:
             results["errors"]["fp8 vs reference bf16 (velocity)"] = rel(outputs["fp8"], outputs["ref"])
             results["errors"]["fp8 vs fast bf16 (velocity)"] = rel(outputs["fp8"], outputs["fast"])
@@ -491,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-micro", type=int, default=2)
     parser.add_argument("--repeats-micro", type=int, default=5)
     parser.add_argument("--no-fp8", dest="fp8", action="store_false")
+    parser.add_argument("--fp8-layers", default=DEFAULT_FP8_LAYERS, choices=sorted(DIT_FP8_LAYER_SETS))
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--no-graph", dest="graph", action="store_false")
     parser.add_argument("--compile-mix", action="store_true", help="also time torch.compile of the mix")

@@ -163,7 +163,7 @@ def test_fp8_blocks_on_the_cpu_stay_close_to_bf16():
     model = random_dit(cfg, seed=3, dtype=torch.bfloat16)
     inputs = dict(tiny_inputs(cfg, batch=2, seed=2), context=torch.randn(2, 5, cfg.text_dim))
     bf16 = _run(model, True, **inputs)
-    converted = model.convert_to_fp8()
+    converted = model.convert_to_fp8("all")
     assert "blocks.0.self_attn.q" in converted and "blocks.1.ffn.2" in converted
     assert not any(name.startswith(("head", "time_", "text_", "img_", "patch")) for name in converted)
     fp8 = _run(model, True, **inputs)
@@ -232,7 +232,7 @@ def test_gpu_forward_never_synchronises(fp8):
     cfg = tiny_config(**GPU_CFG)
     model = _gpu_model(cfg)
     if fp8:
-        model.convert_to_fp8()
+        model.convert_to_fp8("all")
     inputs = _guidance_inputs(cfg, "cuda", shared=True)
     inputs["context_lens"] = torch.tensor([5, 5], device="cuda")
     with torch.inference_mode():
