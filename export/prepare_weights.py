@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from flashportrait.export.safetensors_writer import SafetensorsWriter, TensorSpec, WrittenFile, file_sha256
+from flashportrait.kernels.reference import quantize_fp8_reference
 from torch import nn
 
 from flashportrait.components import MODES, WeightPaths, check_files, check_wan_config, resolve_config
@@ -238,8 +239,6 @@ def prepare_dit(
                 if not component.endswith("_fp8") or key not in fp8_keys:
                     writer.write(key, tensor)
                 elif key.endswith(".weight"):
-                    from flashportrait.kernels.reference import quantize_fp8_reference
-
                     # what FP8Linear.load_weight does with the loaded (storage-dtype) weight
                     q, scale = quantize_fp8_reference(tensor)
                     writer.write(key, q)
