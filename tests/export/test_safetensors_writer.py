@@ -10,6 +10,7 @@ from flashportrait.export.safetensors_writer import SafetensorsWriter, TensorSpe
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from flashportrait.components.prepared import read_safetensors
 from flashportrait.weights import SafetensorsFile, open_checkpoint
 
 
@@ -52,6 +53,11 @@ def test_files_load_with_the_safetensors_library(tmp_path, order):
         assert torch.equal(as_bytes(loaded[name]), as_bytes(tensor)), name
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata() == {"k": "v"}
+    # and with our direct reader (views of one buffer: needs every tensor aligned to its element size)
+    direct, metadata = read_safetensors(path, "cpu")
+    assert metadata == {"k": "v"}
+    for name, tensor in tensors.items():
+        assert direct[name].dtype == tensor.dtype and torch.equal(as_bytes(direct[name]), as_bytes(tensor))
     # the hash is the file's whether computed while writing (in order) or read back (out of order)
     assert written.sha256 == file_sha256(path) and written.size == path.stat().st_size
     assert written.dtypes["BF16"] == {"tensors": 1, "bytes": 30}
