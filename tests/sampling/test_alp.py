@@ -4,6 +4,8 @@ per-window/per-stream state, and the sampler with ALP on the tiny random models 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from flashportrait.sampling.random_models import SamplerSizes, random_sampler
 from flashportrait.sampling.sampler import GenerationRequest, WindowDenoiser
 from flashportrait.sampling.stepmajor import denoise_step_major
 from flashportrait.sampling.wavefront import FinalLatents
+from tests.conftest import REPO
 
 STEPS = 30
 SHAPE = (2, 16, 3, 2, 2)  # [P streams, 16, C, h, w]
@@ -196,9 +199,9 @@ def _request(**params) -> GenerationRequest:
 
 
 @pytest.fixture(scope="module")
-def full_latents(sampler) -> torch.Tensor:
-    """Final latents of the full 30-step computation (ALP off)."""
-    return _final(sampler, sampler.prepare(_request()))
+def full_run(sampler) -> tuple[int, torch.Tensor]:
+    """(DiT calls, final latents) of the full 30-step computation (ALP off)."""
+    return _count_dit_calls(sampler, lambda: _final(sampler, sampler.prepare(_request())))
 
 
 def _final(sampler, prepared) -> torch.Tensor:
@@ -206,7 +209,7 @@ def _final(sampler, prepared) -> torch.Tensor:
     return torch.cat([e.latents for e in events if isinstance(e, FinalLatents)], dim=2)
 
 
-def _count_dit_calls(sampler, run) -> tuple[int, object]:
+def _count_dit_calls(sampler, run) -> tuple[int, torch.Tensor]:
     calls = []
     handle = sampler.dit.register_forward_hook(lambda *_: calls.append(1))
     try:
@@ -216,7 +219,7 @@ def _count_dit_calls(sampler, run) -> tuple[int, object]:
     return len(calls), result
 
 
-def test_alp_off_is_the_plain_sampler_bit_for_bit(sampler, full_latents):
+def test_alp_off_is_the_plain_sampler_bit_for_bit(sampler, full_run):
     prepared = sampler.prepare(_request())
     assert prepared.alp is None and prepared.num_steps == STEPS and prepared.plan.starts == (0, 3, 4)
     plain = WindowDenoiser(sampler, prepared)
@@ -227,8 +230,8 @@ def test_alp_off_is_the_plain_sampler_bit_for_bit(sampler, full_latents):
         prepared.scheduler,
         noise,
     )
-    calls, latents = _count_dit_calls(sampler, lambda: _final(sampler, prepared))
-    assert torch.equal(latents, expected) and torch.equal(full_latents, expected) and calls == 3 * STEPS
+    calls, latents = full_run
+    assert torch.equal(latents, expected) and calls == 3 * STEPS
     # ALP with K = 1 runs the DiT at every step: the same latents.
     every_step = sampler.prepare(_request(alp=True, alp_interval=1))
     assert torch.equal(_final(sampler, every_step), expected)
@@ -248,11 +251,11 @@ def test_alp_makes_the_expected_dit_calls_and_wavefront_order_does_not_matter(sa
     assert torch.equal(latents, step_major)
 
 
-def test_error_against_full_computation_grows_with_the_interval(sampler, full_latents):
+def test_error_against_full_computation_grows_with_the_interval(sampler, full_run):
     """Relative L2 error of the final latents vs the full 30-step computation, per K (order 3). The tiny
     random DiT is far from smooth in t (its outputs change ~40% per step), so these errors are large
     and say nothing about quality; they pin the behaviour (recorded in BENCHMARKS.md)."""
-    full = full_latents
+    _, full = full_run
     errors = {}
     for interval in (2, 3, 5):
         latents = _final(sampler, sampler.prepare(_request(alp=True, alp_interval=interval)))
@@ -284,3 +287,19 @@ def test_fast_mode_request_with_alp_is_refused_before_any_work():
         fast.prepare(_request(alp=True))
     # A many-step schedule on the same sampler is accepted.
     assert fast.prepare(_request(alp=True, scheduler="euler", steps=12)).alp == ALPConfig()
+
+
+def test_benchmark_runs_on_the_cpu():
+    """`bench/alp.py` gets one shot on the H200: keep its CPU mode working."""
+    command = ["bench/alp.py", "--tiny", "--device", "cpu", "--intervals", "5", "--no-plain"]
+    proc = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("# command: ") and lines[0].endswith(" ".join(command))
+    rows = {
+        line.split(" | ")[0]: line.split(" | ") for line in lines if line.startswith("| full") or "K=" in line
+    }
+    assert set(rows) == {"| full computation", "| K=5, order 3"}
+    assert rows["| full computation"][2] == "90" and rows["| K=5, order 3"][2] == "27"
+    assert all(r[-1] == "yes |" for r in rows.values())
+    assert 0 < float(rows["| K=5, order 3"][5]) < 1
