@@ -7,7 +7,11 @@ The top-level folders `kernels/`, `export/` and `client/` install as `flashportr
 
 from setuptools import find_packages, setup
 
-MAPPED = {"kernels": "flashportrait.kernels", "export": "flashportrait.export", "client": "flashportrait.client"}
+MAPPED = {
+    "kernels": "flashportrait.kernels",
+    "export": "flashportrait.export",
+    "client": "flashportrait.client",
+}
 
 packages = find_packages(include=["flashportrait", "flashportrait.*"])
 package_dir = {}

@@ -22,7 +22,10 @@ class Comparison:
 
     def line(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
-        text = f"  {self.name} {verdict} max_abs={self.max_abs:.3g} max_rel={self.max_rel:.3g} (rtol={self.rtol:g} atol={self.atol:g})"
+        text = (
+            f"  {self.name} {verdict} max_abs={self.max_abs:.3g} max_rel={self.max_rel:.3g}"
+            f" (rtol={self.rtol:g} atol={self.atol:g})"
+        )
         return text + (f" {self.detail}" if self.detail else "")
 
 
@@ -37,14 +40,23 @@ def compare(name: str, ours, golden, *, rtol: float, atol: float) -> Comparison:
     a = _as_tensor(ours)
     e = _as_tensor(golden)
     if tuple(a.shape) != tuple(e.shape):
-        return Comparison(name, False, float("inf"), float("inf"), rtol, atol,
-                          f"shape {list(a.shape)} != golden {list(e.shape)}")
+        return Comparison(
+            name,
+            False,
+            float("inf"),
+            float("inf"),
+            rtol,
+            atol,
+            f"shape {list(a.shape)} != golden {list(e.shape)}",
+        )
     if a.numel() == 0:
         return Comparison(name, True, 0.0, 0.0, rtol, atol)
     a64 = a.to(torch.float64)
     e64 = e.to(torch.float64)
     if not torch.isfinite(a64).all() and torch.isfinite(e64).all():
-        return Comparison(name, False, float("nan"), float("nan"), rtol, atol, "non-finite values in our output")
+        return Comparison(
+            name, False, float("nan"), float("nan"), rtol, atol, "non-finite values in our output"
+        )
     diff = (a64 - e64).abs()
     finite = torch.isfinite(diff)
     max_abs = float(diff[finite].max()) if finite.any() else 0.0
@@ -64,7 +76,9 @@ def compare_exact(name: str, ours, golden) -> Comparison:
         return compare(name, ours, golden, rtol=0.0, atol=0.0)
     if ours == golden:
         return Comparison(name, True, 0.0, 0.0, 0.0, 0.0)
-    return Comparison(name, False, float("inf"), float("inf"), 0.0, 0.0, f"ours {_short(ours)} != golden {_short(golden)}")
+    return Comparison(
+        name, False, float("inf"), float("inf"), 0.0, 0.0, f"ours {_short(ours)} != golden {_short(golden)}"
+    )
 
 
 def failure(name: str, message: str) -> Comparison:

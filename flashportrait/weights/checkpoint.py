@@ -315,11 +315,14 @@ def open_checkpoint(path: str | Path, *, unwrap_state_dict: bool = True) -> Tens
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     with path.open("rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return open_torch_pickle(path, unwrap_state_dict=unwrap_state_dict)
-    if len(head) == 8 and int.from_bytes(head, "little") < path.stat().st_size:
+        head = f.read(9)
+    # A safetensors file starts with its header length (8 bytes, little endian) and then the JSON
+    # header itself. Test that first: the length's low bytes can look like a zip ("PK") or pickle
+    # (0x80) signature.
+    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size:
         return SafetensorsFile(path)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return open_torch_pickle(path, unwrap_state_dict=unwrap_state_dict)
     raise CheckpointError(f"{path} is neither a safetensors file nor a torch checkpoint")
 
 

@@ -117,7 +117,9 @@ def load_into(
         module on the meta device.
     """
     expected = module_tensor_shapes(module)
-    report = compare_keys(expected, source, target=type(module).__name__, ignore=ignore, allow_missing=allow_missing)
+    report = compare_keys(
+        expected, source, target=type(module).__name__, ignore=ignore, allow_missing=allow_missing
+    )
     if strict and not report.ok:
         raise CheckpointMismatchError(report)
     current = dict(module.state_dict(keep_vars=True))
@@ -127,7 +129,9 @@ def load_into(
             continue
         tensor = source[key]
         like = current[key]
-        target_device = device if device is not None else (like.device if like.device.type != "meta" else "cpu")
+        target_device = (
+            device if device is not None else (like.device if like.device.type != "meta" else "cpu")
+        )
         keep = dtype is None or (keep_dtype is not None and keep_dtype(key))
         target_dtype = like.dtype if keep else dtype
         if tensor.is_floating_point() and like.is_floating_point():

@@ -30,7 +30,9 @@ def test_every_golden_kind_has_an_implementation():
 def test_unknown_kind_is_a_failure(tmp_path):
     case = tmp_path / "odd.json"
     case.write_text(json.dumps({"kind": "no_such_kind", "case": "odd"}))
-    proc = subprocess.run([sys.executable, "-m", "flashportrait.golden", str(case)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flashportrait.golden", str(case)], capture_output=True, text=True
+    )
     assert proc.returncode == 1
     assert "odd no_such_kind FAIL" in proc.stdout
     assert proc.stdout.strip().endswith("0 passed, 1 failed")

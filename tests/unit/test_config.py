@@ -25,20 +25,28 @@ class Outer:
 
 
 def test_builds_nested_and_tuples():
-    cfg = from_mapping(Outer, {"name": "x", "patch": [1, 2, 2], "widths": [3], "inner": {"width": "4"}, "flag": "true"})
+    cfg = from_mapping(
+        Outer, {"name": "x", "patch": [1, 2, 2], "widths": [3], "inner": {"width": "4"}, "flag": "true"}
+    )
     assert cfg == Outer("x", (1, 2, 2), (3,), Inner(4, 1.0), True)
-    assert to_mapping(cfg) == {"name": "x", "patch": [1, 2, 2], "widths": [3], "inner": {"width": 4, "scale": 1.0}, "flag": True}
+    assert to_mapping(cfg) == {
+        "name": "x",
+        "patch": [1, 2, 2],
+        "widths": [3],
+        "inner": {"width": 4, "scale": 1.0},
+        "flag": True,
+    }
 
 
 def test_unknown_key_is_named():
-    with pytest.raises(ConfigError, match="unknown key.*'pach'"):
+    with pytest.raises(ConfigError, match=r"unknown key.*'pach'"):
         from_mapping(Outer, {"name": "x", "pach": [1, 2, 2]})
 
 
 def test_missing_and_wrong_type():
-    with pytest.raises(ConfigError, match="missing required key.*patch"):
+    with pytest.raises(ConfigError, match=r"missing required key.*patch"):
         from_mapping(Outer, {"name": "x"})
-    with pytest.raises(ConfigError, match="Outer.patch.*3 values"):
+    with pytest.raises(ConfigError, match=r"Outer.patch.*3 values"):
         from_mapping(Outer, {"name": "x", "patch": [1, 2]})
     with pytest.raises(ConfigError, match="expected an integer"):
         from_mapping(Outer, {"name": "x", "patch": [1, 2, "a"]})
