@@ -13,13 +13,16 @@ features as the paper does. The paper caches features inside the DiT; at our siz
 52,224 tokens x 5,120 channels per pass and derivative order (about 21 GB in bf16 for ONE tensor per
 order and pass), far beyond a GPU, while the output of a 51-frame 512x512 window is [16, 51, 64, 64]
 float32 = 13.4 MB. Forecasting the output also leaves the DiT untouched (no hooks), and the solver
-(Euler, UniPC, DPM++) consumes the forecast exactly as it would a computed prediction.
+(Euler, UniPC, DPM++) consumes the forecast exactly as it would a computed prediction. Taylor forecasts
+of the last block's output (arXiv 2508.02240) or of the model output (Modular MAX's TaylorSeer cache)
+are the same move for the same memory reason.
 
 Per window and per stream. One history per context window (windows interleave in wavefront order, so
 nothing may be shared between them) holding, for each guidance pass ("stream": posi, no_emo, ...), the
 last n + 1 full outputs; the passes are combined by `guidance.py` after the forecast. A window's
 history is dropped after its last step. Cache: (n + 1) x P outputs plus one copy of the window latents,
-about 120 MB per window in flight at 512x512 with 2 passes and n = 3.
+about 120 MB per window in flight at 512x512 with 2 passes and n = 3; a long 30-step video with the
+default windows (51, overlap 30) has up to 59 windows in flight in wavefront order, about 7 GB.
 
 Schedule. Steps 0..n always run the DiT (the n + 1 warm-up passes that make every derivative up to
 order n available); afterwards the DiT runs at steps n + K, n + 2K, ... and every other step is
@@ -42,8 +45,8 @@ Forecast of stream p at step s = a + h (0 < h < K), with T_i the Taylor coeffici
   move faster, their extrapolation is trusted less and the forecast shrinks toward the last computed
   output. Choice: a damping factor, never an amplification. The amplifying reading (r(s)/r(a))^1.5
   double counts the acceleration that the higher-order terms already extrapolate: on an analytic flow
-  (Gaussian-mixture data whose exact velocity is known; `bench/alp.py --analytic`) it raised the
-  final-latent error at K = 5 over plain Taylor, while this damping lowered it.
+  (Gaussian-mixture data whose exact velocity is known; `bench/alp.py --analytic`, BENCHMARKS.md) it
+  raised the final-latent error at K = 5 by 13% over plain Taylor, while this damping lowered it by 10%.
 - lambda, derivative magnitude ratio (per stream and order): at each full step, the i-th derivative
   the previous fit predicts at a, divided by the one the new fit measures there, capped at 1. Equal on
   a smooth trajectory (exactly 1 on a polynomial of degree <= n); when a newly measured derivative
