@@ -4,6 +4,16 @@
 (`golden/manifests/transformer_i2v_14b.json`); the golden case `transformer_i2v_tiny` is the
 numerical contract. Blocks and the precision policy are in `dit_blocks.py`, RoPE in `rope.py`,
 checkpoint loading in `dit_loading.py`.
+
+Speed (issue 7, BENCHMARKS.md): on CUDA the forward takes the fused fast path of `dit_blocks.py`
+(`fast_path` None = automatic, True/False to force it); on the CPU it keeps the reference arithmetic,
+so the goldens see exactly what they were produced with. On the fast path, inputs that are the same
+row for every sample (batch 1 or a stride-0 `expand`, as the sampler passes the guidance passes'
+latents, condition, timestep, CLIP features, expression tokens and, if it shares one, the prompt) are
+computed once: the time embedding, the image/text keys and values, and the stream up to where the
+samples differ (the first block's cross-attention, through ip_scale). Nothing in a forward waits
+for the device: values are validated only where they live on the host. `convert_to_fp8` quantises
+block linears to e4m3 once.
 """
 
 from __future__ import annotations

@@ -257,3 +257,23 @@ def test_fp8_layer_sets():
     assert "blocks.0.cross_attn.q" in tokens and "blocks.0.cross_attn.k_img" not in tokens
     with pytest.raises(ValueError, match="fp8 layer set"):
         model.convert_to_fp8("most")
+
+
+def test_speed_benchmarks_run_on_the_cpu():
+    """The GPU benchmark scripts get few shots on the H200: keep their CPU modes working."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    commands = [
+        ["bench/profile_dit.py", "--tiny", "--parts", "model", "--variants", "4", "--no-profile",
+         "--warmup", "0", "--repeats", "1"],
+        ["bench/dit_fp8_error.py", "--tiny", "--frames", "3", "--layer-sets", "ffn"],
+    ]  # fmt: skip
+    for command in commands:
+        proc = subprocess.run(
+            [sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "final latents after 4 steps" in proc.stdout and "| ffn |" in proc.stdout
