@@ -76,11 +76,12 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = FeatureExtractor(encoder.eval(), input_format).eval()
+    device = next(module.parameters()).device  # trace where the weights are (a GPU encoder exports too)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         torch.onnx.export(
             module,
-            (example_input(input_format),),
+            (example_input(input_format).to(device),),
             str(path),
             dynamo=False,
             opset_version=opset,
