@@ -36,6 +36,8 @@ PARAMETER_FLAGS = {
     "context_size": int,
     "context_overlap": int,
     "shift": float,
+    "alp_interval": int,
+    "alp_order": int,
 }
 DEFAULT_PROMPT = "The girl is singing"  # the reference script's (flashportrait.sampling.params)
 
@@ -60,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, kind in PARAMETER_FLAGS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"generation {name}")
     parser.add_argument(
+        "--alp",
+        action="store_const",
+        const=True,
+        default=None,
+        help="Adaptive Latent Prediction (many-step quality mode): run the DiT every --alp-interval steps",
+    )
+    parser.add_argument(
         "--param",
         action="append",
         default=[],
@@ -77,6 +86,7 @@ def generation_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The request parameters given on the command line (the server applies defaults to the rest)."""
     values = {name: getattr(args, name) for name in PARAMETER_FLAGS}
     values["mode"] = args.mode
+    values["alp"] = args.alp
     for item in args.param:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
