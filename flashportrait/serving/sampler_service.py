@@ -14,12 +14,14 @@ Every response carries the progress counters (UNITS_DONE / UNITS_TOTAL window-st
 NUM_STEPS) and FPS, so a client can write frames and show progress from any response alone.
 Cancellation (`should_cancel`) is checked by the sampler between window-steps; it surfaces as
 `StreamCancelled`. User errors are `RequestError`s. Logging: one line per window-step
-(`request <id>: window w/W step s/S (unit k/K) 0.31 s, frames 4/20`), plus a start and an end line.
+(`request <id>: window w/W step s/S (unit k/K) 0.31 s, frames 4/20`), plus a start and an end line
+(on a GPU the end line ends with the request's peak GPU memory, allocated and reserved by torch).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -82,12 +84,57 @@ def _flag(name: str, value: Any) -> bool:
     raise RequestError(f"{name} must be true or false, got {value!r}")
 
 
+def _random_sampler(settings: SamplerSettings, deployment: Deployment) -> Any:
+    """Benchmarks only (`random_weights`, settings.py): random models of that size, built on the device."""
+    import torch
+
+    from flashportrait.sampling.random_models import SamplerSizes, random_sampler
+
+    # Loud on purpose: a server in this mode answers every request with noise.
+    print(
+        f"WARNING: sampler: RANDOM WEIGHTS ({deployment.random_weights} sizes) for benchmarking, not "
+        f"a trained model: every output is noise (random_weights / $FLASHPORTRAIT_RANDOM_WEIGHTS)",
+        file=sys.stderr,
+        flush=True,
+    )
+    sizes = SamplerSizes.release() if deployment.random_weights == "release" else SamplerSizes.tiny()
+    sampler = random_sampler(
+        sizes,
+        mode=deployment.mode,
+        device=deployment.device,
+        dtype=getattr(torch, deployment.dtype),
+        decode_chunk_latents=settings.decode_chunk_latents,
+    )
+    if deployment.precision == "fp8":
+        from flashportrait.models.fp8_linear import convert_linears_to_fp8
+
+        convert_linears_to_fp8(sampler.dit)
+    return sampler
+
+
+def _memory_note(device: str) -> str:
+    """`, peak GPU memory X GiB allocated, Y GiB reserved` since the request started ("" on the CPU)."""
+    if not device.startswith("cuda"):
+        return ""
+    import torch
+
+    gib = 2**30
+    allocated = torch.cuda.max_memory_allocated(device) / gib
+    reserved = torch.cuda.max_memory_reserved(device) / gib
+    return f", peak GPU memory {allocated:.2f} GiB allocated, {reserved:.2f} GiB reserved"
+
+
 class SamplerService:
     """The sampler's models, loaded once per model instance."""
 
     def __init__(self, settings: SamplerSettings, deployment: Deployment) -> None:
         import torch
 
+        self.settings = settings
+        self.device = deployment.device
+        if deployment.random_weights:
+            self.sampler = _random_sampler(settings, deployment)
+            return
         from flashportrait.components import SAMPLER_PARTS, load_components
         from flashportrait.components.prepared import is_prepared, load_prepared
         from flashportrait.sampling.sampler import Sampler
@@ -104,7 +151,6 @@ class SamplerService:
                 from flashportrait.models.fp8_linear import convert_linears_to_fp8
 
                 convert_linears_to_fp8(components.dit)
-        self.settings = settings
         self.sampler = Sampler.from_components(
             components, device=deployment.device, decode_chunk_latents=settings.decode_chunk_latents
         )
@@ -164,6 +210,10 @@ class SamplerService:
         from flashportrait.sampling.wavefront import SamplingCancelled
 
         started = time.monotonic()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
         request, num_steps, (height, width), progress = self._request(job)
         fps = job.fps.reshape(-1).astype(np.int64) if job.fps is not None else np.array([0, 1], np.int64)
         state = {"units_done": 0, "units_total": 0, "window": -1, "step": -1, "frames_total": 0, "sent": 0}
@@ -232,10 +282,10 @@ class SamplerService:
                 # Cancelled (here or by the response loop between two responses) or failed: where it stopped.
                 log(
                     f"{job.label}: stopped after unit {state['units_done']}/{state['units_total']}, "
-                    f"{state['sent']} frames sent"
+                    f"{state['sent']} frames sent{_memory_note(self.device)}"
                 )
         first = f"{first_frame_s:.2f} s" if first_frame_s is not None else "never"
         log(
             f"{job.label}: done, {state['sent']} frames in {time.monotonic() - started:.2f} s "
-            f"(first frame after {first})"
+            f"(first frame after {first}){_memory_note(self.device)}"
         )

@@ -15,6 +15,12 @@ back to an environment variable of the server process (which the Python stubs in
 | `device`    | `FLASHPORTRAIT_DEVICE`      | `cuda:<id>` for a KIND_GPU instance, else `cpu`        |
 | `dtype`     | `FLASHPORTRAIT_DTYPE`       | `bfloat16` on a GPU, `float32` on the CPU              |
 | `precision` | `FLASHPORTRAIT_PRECISION`   | `bf16` (`fp8`: the DiT's block linears in float8)      |
+
+Benchmarks only: the sampler's `random_weights` (`FLASHPORTRAIT_RANDOM_WEIGHTS`), `release` or `tiny`,
+builds every sampler model with random weights on its device (`sampling.random_models`) instead of
+loading a weights folder, so a server can be measured at full size without the 14B checkpoint. It is
+a model parameter or server environment variable only (never a request parameter), and the sampler
+logs a warning that its output is noise.
 """
 
 from __future__ import annotations
@@ -33,10 +39,12 @@ MODE_ENV = "FLASHPORTRAIT_MODE"
 DEVICE_ENV = "FLASHPORTRAIT_DEVICE"
 DTYPE_ENV = "FLASHPORTRAIT_DTYPE"
 PRECISION_ENV = "FLASHPORTRAIT_PRECISION"
+RANDOM_WEIGHTS_ENV = "FLASHPORTRAIT_RANDOM_WEIGHTS"
 
 MODES = ("fast", "quality")
 DTYPES = ("bfloat16", "float16", "float32")
 PRECISIONS = ("bf16", "fp8")
+RANDOM_WEIGHTS = ("release", "tiny")
 
 T = TypeVar("T")
 
@@ -46,7 +54,8 @@ class Deployment:
     """Resolved common settings of one model instance.
 
     weights: the weights folder in the release layout; device: a torch device string ("cpu",
-    "cuda:0"); dtype: a torch dtype name; mode: "fast" or "quality"; precision: "bf16" or "fp8".
+    "cuda:0"); dtype: a torch dtype name; mode: "fast" or "quality"; precision: "bf16" or "fp8";
+    random_weights: "" (load `weights`), or "release"/"tiny": random models of that size (benchmarks).
     """
 
     weights: Path
@@ -54,6 +63,7 @@ class Deployment:
     device: str
     dtype: str
     precision: str
+    random_weights: str = ""
 
     @property
     def on_gpu(self) -> bool:
@@ -98,7 +108,7 @@ class TextEncoderSettings:
 class SamplerSettings:
     """`sampler`: the models of `mode`; images above `max_image_pixels` are refused before decoding;
     `decode_chunk_latents` latent frames are decoded per decoder call; `threads`: torch threads
-    (0: torch's default)."""
+    (0: torch's default); `random_weights`: benchmarks only (module docstring)."""
 
     weights: str = ""
     mode: str = ""
@@ -108,6 +118,7 @@ class SamplerSettings:
     max_image_pixels: int = 4096 * 4096
     decode_chunk_latents: int = 4
     threads: int = 0
+    random_weights: str = ""
 
 
 def config_parameters(model_config: Mapping[str, Any] | str) -> dict[str, str]:
@@ -137,7 +148,14 @@ def resolve_deployment(
     env = os.environ if env is None else env
     args = args or {}
     weights = _pick(getattr(settings, "weights", ""), WEIGHTS_ENV, env)
-    if hasattr(settings, "weights") and not weights:
+    random_weights = ""
+    if hasattr(settings, "random_weights"):
+        random_weights = _pick(settings.random_weights, RANDOM_WEIGHTS_ENV, env)
+        if random_weights and random_weights not in RANDOM_WEIGHTS:
+            raise ConfigError(f"random_weights must be one of {list(RANDOM_WEIGHTS)}, got {random_weights!r}")
+    if random_weights:
+        weights = ""  # nothing is read from disk
+    elif hasattr(settings, "weights") and not weights:
         raise ConfigError(
             f"no weights folder: set the model parameter 'weights' in config.pbtxt or ${WEIGHTS_ENV}"
         )
@@ -159,4 +177,4 @@ def resolve_deployment(
     precision = _pick(getattr(settings, "precision", ""), PRECISION_ENV, env) or "bf16"
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    return Deployment(Path(weights), mode, device, dtype, precision)
+    return Deployment(Path(weights), mode, device, dtype, precision, random_weights)
