@@ -161,15 +161,25 @@ class GpuMemoryMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def query(self) -> float | None:
+    def _ask(self, fields: str) -> str | None:
         if self.binary is None:
             return None
-        query = [self.binary, "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", self.gpu]
+        query = [self.binary, f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-i", self.gpu]
         try:
             out = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
-            return float(out.strip().splitlines()[0]) / 1024
-        except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+            return out.strip().splitlines()[0]
+        except (subprocess.SubprocessError, OSError, IndexError):
             return None
+
+    def query(self) -> float | None:
+        """memory.used now, GiB."""
+        try:
+            return float(self._ask("memory.used") or "") / 1024
+        except ValueError:
+            return None
+
+    def describe(self) -> str:
+        return self._ask("name,memory.total,driver_version") or "no nvidia-smi"
 
     def start(self) -> None:
         if self.binary is None or self.query() is None:
@@ -588,8 +598,12 @@ def main(argv: list[str] | None = None) -> int:
             bench = Bench(server, args, deadline)
             monitor = bench.monitor
             monitor.start()
-            if monitor.binary is not None:
-                print(f"# nvidia-smi after loading: {fmt(monitor.query())} GiB used", flush=True)
+            shm = shutil.disk_usage("/dev/shm").total / 2**30 if Path("/dev/shm").is_dir() else None
+            print(
+                f"# GPU {monitor.gpu}: {monitor.describe()} (name, MiB, driver); nvidia-smi after loading: "
+                f"{fmt(monitor.query())} GiB used; /dev/shm {fmt(shm)} GiB",
+                flush=True,
+            )
             try:
                 run(bench, args, results)
             finally:

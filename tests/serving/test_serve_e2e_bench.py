@@ -84,6 +84,21 @@ def test_runtime_repository_has_one_sampler_instance(bench: ModuleType, tmp_path
     assert bench.parse_size("480x832") == (480, 832)
 
 
+def test_the_bench_reads_the_samplers_peak_memory_note(
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from flashportrait.serving import sampler_service
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 47.25 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 52.5 * 2**30)
+    assert sampler_service._memory_note("cpu") == ""
+    line = "request r: done, 296 frames in 80.00 s (first frame after 60.00 s)"
+    found = re.search(bench.MEMORY_NOTE, line + sampler_service._memory_note("cuda:0"))
+    assert found is not None and (float(found.group(1)), float(found.group(2))) == (47.25, 52.5)
+
+
 @pytest.mark.server
 def test_tiny_cpu_run_through_a_real_server(bench: ModuleType, tmp_path: Path) -> None:
     out = tmp_path / "out"
