@@ -20,7 +20,9 @@ objects back into their slots so nothing derived from a loaded weight outlives t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import os
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,14 +85,52 @@ def storage_key(tensor: torch.Tensor) -> tuple[str, int]:
     return str(tensor.device), tensor.untyped_storage().data_ptr()
 
 
+# Storages start at multiples of this in the host buffer (the CUDA allocator's alignment).
+_ALIGN = 512
+PIN_ENV = "FLASHPORTRAIT_PINNED"
+
+
+def host_buffer(nbytes: int, pin: bool) -> tuple[torch.Tensor, Callable[[], None] | None]:
+    """A [nbytes] uint8 host buffer and, when pinned, the function that unpins it early (a finaliser
+    unpins it otherwise, before its pages are freed).
+
+    Pinned with `cudaHostRegister` on an ordinary allocation, at its exact size: PyTorch's pinned
+    allocator (`pin_memory=True`) rounds every buffer up to a power of two, which would pin up to
+    twice the weights (a 10.6 GiB umT5-XXL would take 16 GiB). `FLASHPORTRAIT_PINNED=allocator` uses
+    PyTorch's allocator instead; a failed registration is an error naming the size.
+    """
+    if not pin or nbytes == 0:
+        return torch.empty(nbytes, dtype=torch.uint8), None
+    if os.environ.get(PIN_ENV, "register") == "allocator":
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), None
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    cudart = torch.cuda.cudart()
+    error = cudart.cudaHostRegister(buffer.data_ptr(), nbytes, 0)
+    if int(error) != 0:
+        raise RuntimeError(
+            f"pinning {nbytes / 2**30:.2f} GiB of host memory with cudaHostRegister failed ({error}); "
+            f"set {PIN_ENV}=allocator to use PyTorch's pinned allocator"
+        )
+    registered = [buffer.data_ptr()]
+
+    def unpin() -> None:
+        if registered:
+            cudart.cudaHostUnregister(registered.pop())
+
+    weakref.finalize(buffer, unpin)
+    return buffer, unpin
+
+
 class HostedTensors:
     """The parameters and buffers of `modules`, hosted (see the module docstring).
 
     device: where the weights are used; tensors elsewhere (the host, another GPU) or over storages
         that cannot be resized are moved (new tensor objects registered in their modules), the
         others keep their objects.
-    pin: pinned host copies (default: when the device is CUDA), which makes loads asynchronous.
-    After construction the weights are released (zero device bytes).
+    pin: page-locked host memory (default: when the device is CUDA), which makes loads asynchronous
+        (`host_buffer`).
+    The host copy is one buffer holding every storage. After construction the weights are released
+    (zero device bytes).
     """
 
     def __init__(self, modules: Sequence[nn.Module], device: torch.device | str, *, pin: bool | None = None):
@@ -98,35 +138,43 @@ class HostedTensors:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         pin = self.device.type == "cuda" if pin is None else pin
+        slots = module_slots(modules)
+        sources: dict[tuple[str, int], torch.UntypedStorage] = {}
+        for module, name, _, tensor in slots:
+            if tensor.is_meta:
+                raise ValueError(f"{type(module).__name__}.{name} is on the meta device; load it first")
+            sources.setdefault(storage_key(tensor), tensor.untyped_storage())
+        offsets, total = {}, 0
+        for key, source in sources.items():
+            offsets[key] = total
+            total += -(-source.nbytes() // _ALIGN) * _ALIGN
+        self.host, self._unpin = host_buffer(total, pin)
         self.groups: list[_Group] = []
         self.slots: list[_Slot] = []
-        by_storage: dict[tuple[str, int], tuple[torch.UntypedStorage, _Group]] = {}
+        storages = {}
         with torch.no_grad():
-            for module, name, parameter, tensor in module_slots(modules):
-                if tensor.is_meta:
-                    raise ValueError(f"{type(module).__name__}.{name} is on the meta device; load it first")
-                key = storage_key(tensor)
-                if key not in by_storage:
-                    by_storage[key] = self._host(tensor.untyped_storage(), pin)
-                storage, _ = by_storage[key]
+            for key, source in sources.items():
+                host = self.host[offsets[key] : offsets[key] + source.nbytes()]
+                host.copy_(_bytes_view(source))
+                if source.device == self.device and source.resizable():
+                    storages[key] = source
+                else:  # a new device storage, for the tensors to be set onto (freed below)
+                    storages[key] = torch.empty(
+                        source.nbytes(), dtype=torch.uint8, device=self.device
+                    ).untyped_storage()
+                self.groups.append(_Group(storages[key], host))
+            for module, name, parameter, tensor in slots:
+                storage = storages[storage_key(tensor)]
                 if storage_key(tensor) != (str(storage.device), storage.data_ptr()):
                     tensor = self._rebind(module, name, parameter, tensor, storage)
                 self.slots.append(_Slot(module, name, parameter, tensor))
-        self.groups = [group for _, group in by_storage.values()]
         self.loaded = True
         self.release()
 
-    def _host(self, source: torch.UntypedStorage, pin: bool) -> tuple[torch.UntypedStorage, _Group]:
-        """Copy `source` to host memory; the device storage is `source` itself when it is on the
-        device already and resizable (a memory-mapped file's is not), else a new one (filled, so
-        tensors can be set onto it)."""
-        host = torch.empty(source.nbytes(), dtype=torch.uint8, pin_memory=pin)
-        host.copy_(_bytes_view(source))
-        if source.device == self.device and source.resizable():
-            storage = source
-        else:
-            storage = host.to(self.device, copy=True).untyped_storage()
-        return storage, _Group(storage, host)
+    def unpin(self) -> None:
+        """Unpin the host buffer now (otherwise when it is garbage collected)."""
+        if self._unpin is not None:
+            self._unpin()
 
     @staticmethod
     def _rebind(
@@ -181,4 +229,4 @@ class HostedTensors:
         self.loaded = False
 
 
-__all__ = ["HostedTensors", "module_slots", "storage_key"]
+__all__ = ["PIN_ENV", "HostedTensors", "host_buffer", "module_slots", "storage_key"]

@@ -82,8 +82,11 @@ class MemoryMode:
         return self.name
 
 
+# Every combination, fewest options first: resident, fp8, components, blockwise, fp8+components, ...
 MEMORY_MODES: tuple[str, ...] = tuple(
-    MemoryMode(*flags).name for flags in itertools.product((False, True), repeat=len(OPTIONS))
+    MemoryMode(**dict.fromkeys(chosen, True)).name
+    for size in range(len(OPTIONS) + 1)
+    for chosen in itertools.combinations(OPTIONS, size)
 )
 
 
