@@ -10,13 +10,16 @@ frames), total time, frames received (must be find_replacement(N) - 1, each of t
 output frames per second (frames / total) and after the first frame; from the server log: its own time
 to first frame and the request's peak GPU memory (`torch.cuda.max_memory_allocated/reserved`, on the
 sampler's end line); from `nvidia-smi` polled every 0.5 s: the GPU's peak memory used during the request.
+Requests ask for progress responses (one per window-step, no frames), which gives the mean seconds per
+window-step even for a request cut short; the first response with frames is the time to first frame.
 
-Order: a `--frames` request at the first size, then the `--long-frames` request at `--long-size`,
-cancelled by the client as soon as its first frame arrives (its time to first frame and peak memory;
-the whole request would take hours), then a small probe request sent right after the cancel (the
-instance is free again once the probe's first response arrives), then `--frames` at the other sizes.
-Sizes are HEIGHTxWIDTH. Every request is cancelled at `--request-limit-s` ("over time", with what it
-had by then), and nothing starts past the `--budget-s` deadline ("skipped"), so the run always ends.
+Order: a small warm-up request (first kernel calls); a `--frames` request at the first size; the
+`--long-frames` request at `--long-size`, cancelled by the client as soon as its first frame arrives
+(its time to first frame and peak memory; the whole request would take hours); a small probe request
+sent right after that cancel (one instance: its first response shows the instance is free again);
+then `--frames` at the other sizes. Sizes are HEIGHTxWIDTH. A request is cancelled at
+`--request-limit-s` ("over time", with what it had by then; the other sizes share what is left of the
+budget instead), and nothing starts past the `--budget-s` deadline ("skipped"), so the run always ends.
 
     python3 bench/serve_e2e.py                                        # H200: 512x512, 3,000, 720x720, 480x832
     python3 bench/serve_e2e.py --sizes 512x512 --out /tmp/e2e         # + JSON results and the server log
@@ -121,7 +124,9 @@ class Measurement:
     first_chunk_frames: int = 0
     total_s: float | None = None
     units_at_first_frame: int | None = None
+    units_done: int = 0
     units_total: int | None = None
+    step_s: float | None = None  # mean seconds per window-step after the conditioning (decodes included)
     server_ttff_s: float | None = None
     peak_allocated_gib: float | None = None
     peak_reserved_gib: float | None = None
@@ -370,16 +375,18 @@ class Bench:
         *,
         stop_at_first_frame: bool = False,
         server_notes: bool = True,
+        limit_s: float | None = None,
     ) -> Measurement:
-        """Send one request and follow its stream (see the module docstring); `server_notes`: then read
-        the sampler's end line (else call `server_notes` later)."""
+        """Send one request and follow its stream (see the module docstring), cancelling it after
+        `limit_s` (default `--request-limit-s`); `server_notes`: then read the sampler's end line (else
+        call `server_notes` later)."""
         self.count += 1
         expected = find_replacement(frames) - 1
         out_w, out_h = scaled_image_size(width, height, max(height, width))
         result = Measurement(
             name, f"e2e{self.count}-{height}x{width}-{frames}", out_h, out_w, frames, expected
         )
-        limit = min(self.args.request_limit_s, self.available_s())
+        limit = min(limit_s or self.args.request_limit_s, self.available_s())
         if limit < min(MIN_REQUEST_S, self.args.request_limit_s):
             result.status = "skipped (time budget)"
             return result
@@ -414,6 +421,10 @@ class Bench:
                 result.units_total = progress.units_total
                 result.frames_total = progress.frames_total
                 if not isinstance(event, FramesChunk):
+                    # Progress after each window-step; the first response is the conditioning's.
+                    if event.units_done > 0:
+                        result.units_done = event.units_done
+                        result.step_s = (now - result.first_response_s) / event.units_done
                     continue
                 _, chunk_h, chunk_w, _ = event.frames.shape
                 result.shapes_ok = result.shapes_ok and (chunk_h, chunk_w) == (out_h, out_w)
@@ -482,39 +493,28 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 
 def table(results: list[Measurement]) -> str:
-    head = [
-        "request",
-        "frames recv / expected",
-        "TTFF s (client)",
-        "TTFF s (server)",
-        "total s",
-        "output fps",
-        "fps after 1st frame",
-        "window-steps at 1st frame",
-        "peak alloc GiB",
-        "peak reserved GiB",
-        "nvidia-smi peak GiB",
-        "status",
-    ]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        units = "-" if r.units_at_first_frame is None else f"{r.units_at_first_frame} / {r.units_total}"
-        status = r.status + ("" if r.shapes_ok else ", WRONG FRAME SIZE") + (f"; {r.note}" if r.note else "")
-        cells = [
-            f"{r.name} ({r.height}x{r.width})",
-            f"{r.frames_received} / {r.expected_frames}",
-            fmt(r.ttff_s, 2),
-            fmt(r.server_ttff_s, 2),
-            fmt(r.total_s, 2),
-            fmt(r.output_fps),
-            fmt(r.fps_after_first),
-            units,
-            fmt(r.peak_allocated_gib),
-            fmt(r.peak_reserved_gib),
-            fmt(r.smi_peak_gib),
-            status,
-        ]
-        rows.append("| " + " | ".join(cells) + " |")
+    columns = {
+        "request": lambda r: f"{r.name} ({r.height}x{r.width})",
+        "frames recv / expected": lambda r: f"{r.frames_received} / {r.expected_frames}",
+        "TTFF s (client)": lambda r: fmt(r.ttff_s, 2),
+        "TTFF s (server)": lambda r: fmt(r.server_ttff_s, 2),
+        "total s": lambda r: fmt(r.total_s, 2),
+        "output fps": lambda r: fmt(r.output_fps),
+        "fps after 1st frame": lambda r: fmt(r.fps_after_first),
+        "window-steps at 1st frame": lambda r: (
+            "-" if r.units_at_first_frame is None else f"{r.units_at_first_frame} / {r.units_total}"
+        ),
+        "window-steps done": lambda r: f"{r.units_done} / {r.units_total or '-'}",
+        "s / window-step": lambda r: fmt(r.step_s, 2),
+        "peak alloc GiB": lambda r: fmt(r.peak_allocated_gib),
+        "peak reserved GiB": lambda r: fmt(r.peak_reserved_gib),
+        "nvidia-smi peak GiB": lambda r: fmt(r.smi_peak_gib),
+        "status": lambda r: (
+            r.status + ("" if r.shapes_ok else ", WRONG FRAME SIZE") + (f"; {r.note}" if r.note else "")
+        ),
+    }
+    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    rows += ["| " + " | ".join(cell(r) for cell in columns.values()) + " |" for r in results]
     return "\n".join(rows)
 
 
@@ -528,7 +528,8 @@ def run(bench: Bench, args: argparse.Namespace, results: list[Measurement]) -> N
         print(
             f"# {result.name} {result.height}x{result.width}: {result.status}, "
             f"{result.frames_received}/{result.expected_frames} frames, TTFF {fmt(result.ttff_s, 2)} s, "
-            f"total {fmt(result.total_s, 2)} s, peak {fmt(result.peak_allocated_gib)} GiB",
+            f"total {fmt(result.total_s, 2)} s, {fmt(result.step_s, 2)} s per window-step, "
+            f"peak {fmt(result.peak_allocated_gib)} GiB",
             flush=True,
         )
 
@@ -536,7 +537,10 @@ def run(bench: Bench, args: argparse.Namespace, results: list[Measurement]) -> N
     if args.warmup:
         done(bench.measure("warm-up", small, small, SMALL_FRAMES))
     for index, (height, width) in enumerate(sizes):
-        done(bench.measure(f"{args.frames} frames", height, width, args.frames))
+        # The first size gets the whole request limit; later ones share what is left of the budget, so
+        # each at least shows its conditioning and window-step times.
+        share = None if index == 0 else bench.available_s() / (len(sizes) - index)
+        done(bench.measure(f"{args.frames} frames", height, width, args.frames, limit_s=share))
         if index == 0 and args.long_frames:
             name = f"{args.long_frames} frames, to 1st frame"
             long = bench.measure(

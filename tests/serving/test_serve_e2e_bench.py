@@ -122,7 +122,8 @@ def test_tiny_cpu_run_through_a_real_server(bench: ModuleType, tmp_path: Path) -
         assert 0 < row["first_response_s"] <= row["ttff_s"] <= row["total_s"]
         assert row["server_ttff_s"] is not None and row["server_ttff_s"] <= row["ttff_s"]
         assert row["output_fps"] == pytest.approx(44 / row["total_s"])
-        assert row["units_total"] == 4 and row["units_at_first_frame"] <= 4
+        assert row["units_total"] == row["units_done"] == 4 and row["units_at_first_frame"] <= 4
+        assert 0 < row["step_s"] < row["total_s"]
     long = rows["300 frames, to 1st frame 32x32"]
     assert long["status"] == "stopped at first frame"
     assert long["expected_frames"] == 296 and 0 < long["frames_received"] < 296
