@@ -157,7 +157,8 @@ HEADER = (
 )
 
 
-def measure(sampler, target, request, mode: str, caps: list[str], reference, tiny: bool, setup_s: float):
+def measure(sampler, target, request, mode: str, caps: list[str], reference, tiny: bool, setup_s: float,
+            state: Any = None):  # fmt: skip
     """One mode under each cap: prints a row per cap; returns (ok, frames of the uncapped run)."""
     device = sampler.device
     weights, _, _ = memory_stats(device)
@@ -171,6 +172,8 @@ def measure(sampler, target, request, mode: str, caps: list[str], reference, tin
         try:
             result = run_request(sampler, target, request, tiny)
         except torch.cuda.OutOfMemoryError:
+            if state is not None and state.streamer is not None:  # a block prefetched by the failed call
+                state.streamer.release_all()
             gc.collect()
             _, peak, reserved = memory_stats(device)
             row(mode, cap, "OOM", gib(weights), gib(peak), gib(reserved), f"{setup_s:.1f}", *["-"] * 6)
@@ -239,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         sync(device)
         setup_s = time.perf_counter() - mark
         mode_caps = [c for c in caps if not (mode == "resident" and c == "none")]
-        good, _ = measure(sampler, target, request, mode, mode_caps, reference, args.tiny, setup_s)
+        good, _ = measure(sampler, target, request, mode, mode_caps, reference, args.tiny, setup_s, state)
         ok = ok and good
         state.close()  # resident again (the fp8 conversion stays)
         del state

@@ -23,7 +23,7 @@ device bytes.
 
 Derived caches: the DiT's fast path concatenates q/k/v once per `SelfAttention` and keeps the
 concatenation (`dit_blocks.FusedProjection`), rebinding q/k/v to views of it. A block that is
-released drops that cache (`_drop_derived`), so the concatenation is rebuilt from the freshly loaded
+released drops that cache (`drop_derived_caches`), so the concatenation is rebuilt from the freshly loaded
 weights on the next call (one device copy of the q/k/v weights per block call, about 0.1 ms).
 """
 
@@ -42,7 +42,8 @@ from flashportrait.models.dit_blocks import FusedProjection
 _DERIVED_CACHES: tuple[type, ...] = (FusedProjection,)
 
 
-def _drop_derived(block: nn.Module) -> None:
+def drop_derived_caches(block: nn.Module) -> None:
+    """Forget objects `block` derived from its weights and keeps between calls (FusedProjection)."""
     for module in block.modules():
         for name, value in list(vars(module).items()):
             if isinstance(value, _DERIVED_CACHES):
@@ -79,7 +80,7 @@ class BlockStreamer:
         if not self.blocks:
             raise ValueError("BlockStreamer needs at least one block")
         for block in self.blocks:
-            _drop_derived(block)
+            drop_derived_caches(block)
         self.hosted = [HostedTensors([block], device) for block in self.blocks]
         self.device = self.hosted[0].device
         self.prefetch = prefetch
@@ -151,7 +152,7 @@ class BlockStreamer:
         if ready is not None:  # never used: the copy must end before its memory is reused
             torch.cuda.current_stream(self.device).wait_event(ready)
             self._ready[index] = None
-        _drop_derived(self.blocks[index])
+        drop_derived_caches(self.blocks[index])
         self.hosted[index].release()
         self._emit("release", index)
 
@@ -171,4 +172,4 @@ class BlockStreamer:
             hosted.load()
 
 
-__all__ = ["BlockStreamer", "derived_bytes"]
+__all__ = ["BlockStreamer", "derived_bytes", "drop_derived_caches"]

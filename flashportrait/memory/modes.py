@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from flashportrait.config import ConfigError
-from flashportrait.memory.blockwise import BlockStreamer
+from flashportrait.memory.blockwise import BlockStreamer, drop_derived_caches
 from flashportrait.memory.offload import OnDemand, component_offloads
 from flashportrait.models.fp8_linear import FP8Linear, convert_linears_to_fp8, dit_block_linears
 
@@ -129,6 +129,8 @@ def _convert_blocks_to_fp8(dit: nn.Module, device: torch.device, park: torch.dev
     converted = 0
     for index, block in enumerate(dit.blocks):
         prefix = f"blocks.{index}."
+        # A fused q/k/v concatenation of the bf16 layers would keep them alive after the conversion.
+        drop_derived_caches(block)
         block.to(device)
         converted += len(
             convert_linears_to_fp8(block, lambda name, module, p=prefix: dit_block_linears(p + name, module))
