@@ -93,7 +93,7 @@ def timed(dit, call: dict, repeats: int, group: Any, device: torch.device) -> tu
         out = dit(**call)
         sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times), out.float()
+    return (statistics.median(times) if times else float("nan")), out.float()
 
 
 def errors(out: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
