@@ -89,3 +89,30 @@ def run(rank: int, world: int, folder: str) -> None:
     else:
         out["served"] = serve_calls(sampler.dit)
     torch.save(out, Path(folder) / f"rank{rank}.pt")
+
+
+@torch.no_grad()
+def run_cuda(rank: int, world: int, folder: str) -> None:
+    """`run` on one GPU per rank (NCCL), bf16 as served: the DiT's fast path and the driven sampler."""
+    device = torch.device("cuda", rank)
+    out: dict[str, Any] = {}
+    dit = random_dit(DIT, seed=3, dtype=torch.bfloat16, device=device)
+    for name, seq_len in SEQ_LENS.items():
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in dit_inputs().items()}
+        single = dit(**inputs, seq_len=seq_len)
+        parallel = SequenceParallel(dit)
+        sharded = dit(**inputs, seq_len=seq_len)
+        parallel.remove()
+        out[name] = (single.float().cpu(), sharded.float().cpu(), parallel.fallbacks)
+    sampler = random_sampler(SamplerSizes.tiny(), seed=1, device=device, dtype=torch.bfloat16)
+    if rank == 0:
+        single = final_latents(sampler)
+        parallel = SequenceParallel(sampler.dit)
+        broadcaster = CallBroadcaster(sampler.dit)
+        sharded = final_latents(sampler)
+        broadcaster.stop()
+        out["sampler"] = (single.cpu(), sharded.cpu(), parallel.fallbacks, broadcaster.calls)
+    else:
+        SequenceParallel(sampler.dit)
+        out["served"] = serve_calls(sampler.dit)
+    torch.save(out, Path(folder) / f"rank{rank}.pt")
