@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from flashportrait.config import ConfigError
-from flashportrait.memory import MEMORY_MODES, BlockStreamer, MemoryMode, OnDemand, apply_memory_mode
+from flashportrait.memory import (
+    MEMORY_MODES,
+    BlockStreamer,
+    HostedTensors,
+    MemoryMode,
+    OnDemand,
+    apply_memory_mode,
+)
 from flashportrait.memory.blockwise import derived_bytes
 from flashportrait.models.dit_loading import random_dit
 from flashportrait.models.fp8_linear import FP8Linear
@@ -231,3 +238,24 @@ def test_components_mode_offloads_vae_encoder_and_clip_between_uses():
     assert state.offloaded_device_bytes() == 0
     # The decoder half of the Wan VAE (quality mode's decoder) stays resident.
     assert decoder_bytes > 0 and all(p.untyped_storage().nbytes() for p in sampler.vae.decoder.parameters())
+
+
+def test_hosted_tensors_rebind_unresizable_storages_and_keep_sharing():
+    """A weight over memory that cannot be resized (a memory-mapped file, here a Python buffer) gets
+    a new storage (tensor object replaced in its slot); tied weights stay one storage."""
+    first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    second.weight = first.weight  # tied
+    raw = bytearray(first.bias.detach().numpy().tobytes())
+    first.bias = torch.nn.Parameter(torch.frombuffer(raw, dtype=torch.float32), requires_grad=False)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        expected = second(first(x))
+    hosted = HostedTensors([first, second], "cpu")
+    assert len(hosted.groups) == 3 and hosted.nbytes == (16 + 4 + 4) * 4
+    assert first.bias.untyped_storage().resizable() and hosted.device_bytes() == 0
+    assert first.weight is second.weight
+    hosted.load()
+    with torch.no_grad():
+        assert torch.equal(second(first(x)), expected)
+    hosted.release()
+    assert hosted.device_bytes() == 0
