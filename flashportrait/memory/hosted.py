@@ -163,10 +163,14 @@ class HostedTensors:
                         source.nbytes(), dtype=torch.uint8, device=self.device
                     ).untyped_storage()
                 self.groups.append(_Group(storages[key], host))
+            rebound: dict[int, torch.Tensor] = {}  # a tensor registered twice (tied) stays one object
             for module, name, parameter, tensor in slots:
                 storage = storages[storage_key(tensor)]
-                if storage_key(tensor) != (str(storage.device), storage.data_ptr()):
-                    tensor = self._rebind(module, name, parameter, tensor, storage)
+                if id(tensor) in rebound:
+                    tensor = rebound[id(tensor)]
+                    (module._parameters if parameter else module._buffers)[name] = tensor
+                elif storage_key(tensor) != (str(storage.device), storage.data_ptr()):
+                    tensor = rebound[id(tensor)] = self._rebind(module, name, parameter, tensor, storage)
                 self.slots.append(_Slot(module, name, parameter, tensor))
         self.loaded = True
         self.release()

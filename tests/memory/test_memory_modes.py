@@ -244,16 +244,16 @@ def test_hosted_tensors_rebind_unresizable_storages_and_keep_sharing():
     """A weight over memory that cannot be resized (a memory-mapped file, here a Python buffer) gets
     a new storage (tensor object replaced in its slot); tied weights stay one storage."""
     first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-    second.weight = first.weight  # tied
-    raw = bytearray(first.bias.detach().numpy().tobytes())
-    first.bias = torch.nn.Parameter(torch.frombuffer(raw, dtype=torch.float32), requires_grad=False)
+    raw = bytearray(first.weight.detach().numpy().tobytes())
+    tied = torch.nn.Parameter(torch.frombuffer(raw, dtype=torch.float32).view(4, 4), requires_grad=False)
+    first.weight = second.weight = tied
     x = torch.randn(2, 4)
     with torch.no_grad():
         expected = second(first(x))
     hosted = HostedTensors([first, second], "cpu")
     assert len(hosted.groups) == 3 and hosted.nbytes == (16 + 4 + 4) * 4
-    assert first.bias.untyped_storage().resizable() and hosted.device_bytes() == 0
-    assert first.weight is second.weight
+    assert first.weight.untyped_storage().resizable() and hosted.device_bytes() == 0
+    assert first.weight is second.weight and first.weight is not tied
     hosted.load()
     with torch.no_grad():
         assert torch.equal(second(first(x)), expected)
