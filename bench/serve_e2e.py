@@ -255,18 +255,30 @@ def libpython_dir() -> Path | None:
     return None
 
 
+def site_folders() -> list[str]:
+    """The folders this interpreter imports torch and numpy from."""
+    folders = []
+    for name in ("torch", "numpy"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin is not None:
+            folders.append(str(Path(spec.origin).resolve().parents[1]))
+    return folders
+
+
 def server_env(args: argparse.Namespace, kind: str) -> dict[str, str]:
     """What the server (and so the sampler's Python stub) gets on top of our environment."""
     libs = server_environment(locate_triton()).get("LD_LIBRARY_PATH", "")
     found = libpython_dir()
     if found is not None and str(found) not in libs.split(os.pathsep):
         libs = os.pathsep.join(p for p in (libs, str(found)) if p)
+    # The stub imports flashportrait from this checkout (the GPU machine has no installed package), and
+    # torch from where this interpreter has it, in case the stub does not recognise our venv.
+    paths = [str(REPO), os.environ.get("PYTHONPATH", ""), *site_folders()]
     env = {
         "LD_LIBRARY_PATH": libs,
         RANDOM_WEIGHTS_ENV: "tiny" if args.tiny else "release",
         MODE_ENV: args.mode,
-        # The stub imports flashportrait from this checkout (the device has no installed package).
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+        "PYTHONPATH": os.pathsep.join(dict.fromkeys(p for p in paths if p)),
     }
     if args.precision:
         env[PRECISION_ENV] = args.precision
