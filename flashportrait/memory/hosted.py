@@ -10,7 +10,8 @@ Why storages and not `module.to(device)`: the tensor objects, their shapes, dtyp
 change, so every caller that reads `module.device`, `weight.dtype` or `weight.shape` (to place its
 inputs, to pick a path) sees a device module, loaded or not, and needs no change. The same trick is
 FSDP's way of freeing parameters between uses. Reading a released weight's values is an error of
-the caller: entry points must load first (`offload.OnDemand`, `blockwise.BlockStreamer` do).
+the caller: entry points must load first (`offload.OnDemand`, `blockwise.BlockStreamer` do). That
+includes printing one: its storage has no bytes, so `repr` reads past it (on the CPU a crash).
 
 Storages are the unit (not tensors), so tensors sharing one storage (views, tied weights, the DiT's
 q/k/v views of one fused weight) stay shared. A module may rebind a tensor while it runs (the DiT's
@@ -166,11 +167,13 @@ class HostedTensors:
             rebound: dict[int, torch.Tensor] = {}  # a tensor registered twice (tied) stays one object
             for module, name, parameter, tensor in slots:
                 storage = storages[storage_key(tensor)]
-                if id(tensor) in rebound:
-                    tensor = rebound[id(tensor)]
+                original = id(tensor)
+                if original in rebound:
+                    tensor = rebound[original]
                     (module._parameters if parameter else module._buffers)[name] = tensor
                 elif storage_key(tensor) != (str(storage.device), storage.data_ptr()):
-                    tensor = rebound[id(tensor)] = self._rebind(module, name, parameter, tensor, storage)
+                    tensor = self._rebind(module, name, parameter, tensor, storage)
+                    rebound[original] = tensor
                 self.slots.append(_Slot(module, name, parameter, tensor))
         self.loaded = True
         self.release()
