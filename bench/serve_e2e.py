@@ -50,6 +50,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -536,14 +537,11 @@ def run(bench: Bench, args: argparse.Namespace, results: list[Measurement]) -> N
     long_size = parse_size(args.long_size) if args.long_size else sizes[0]
 
     def done(result: Measurement) -> None:
+        # Each row as it finishes, so a run killed from outside still shows what it measured.
         results.append(result)
-        print(
-            f"# {result.name} {result.height}x{result.width}: {result.status}, "
-            f"{result.frames_received}/{result.expected_frames} frames, TTFF {fmt(result.ttff_s, 2)} s, "
-            f"total {fmt(result.total_s, 2)} s, {fmt(result.step_s, 2)} s per window-step, "
-            f"peak {fmt(result.peak_allocated_gib)} GiB",
-            flush=True,
-        )
+        print(table([result]).splitlines()[-1], flush=True)
+
+    print("\n".join(table([]).splitlines()[:2]), flush=True)
 
     small = 32 if args.tiny else 64
     if args.warmup:
@@ -607,7 +605,6 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Measurement] = []
     error: str | None = None
     random_logged = False
-    monitor: GpuMemoryMonitor | None = None
     try:
         with bench_server(args, workdir, deadline) as server:
             random_logged = log_match(server, r"RANDOM WEIGHTS", 5.0) is not None
@@ -625,8 +622,11 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 monitor.stop()
                 bench.client.close()
-    except (ServerStartError, OSError, RuntimeError) as failure:
+    except Exception as failure:
+        # Whatever went wrong, the table below still shows what was measured before it.
         error = f"{type(failure).__name__}: {failure}"
+        if not isinstance(failure, ServerStartError):
+            traceback.print_exc()
         print(f"# ERROR {error}", flush=True)
     finally:
         if args.out is not None:
