@@ -130,8 +130,27 @@ def config_parameters(model_config: Mapping[str, Any] | str) -> dict[str, str]:
     return out
 
 
+def check_stub_numpy(version: str | None = None) -> None:
+    """Refuse to load under NumPy 2: Triton 2.51's Python backend stub is built against the NumPy 1
+    C API, and with NumPy 2 in the stub's environment it hands models garbage for BYTES inputs (seen:
+    `deserialize_bytes_tensor` reads a length of ~4e9 from a 1 KB upload and the stub dies). Every
+    model here takes BYTES inputs (media, prompts), so this is a load-time error, not a request error."""
+    if version is None:
+        import numpy
+
+        version = numpy.__version__
+    if int(version.split(".")[0]) >= 2:
+        raise RuntimeError(
+            f"numpy {version} is installed in the Python environment of the Triton Python backend; "
+            "Triton 2.51's backend stub needs numpy 1.x (it corrupts BYTES inputs under numpy 2): "
+            "install 'numpy<2' there (pip install 'numpy<2')"
+        )
+
+
 def model_settings(cls: type[T], args: Mapping[str, Any]) -> T:
-    """The settings dataclass `cls` of a model from `initialize(args)` (unknown parameters: ConfigError)."""
+    """The settings dataclass `cls` of a model from `initialize(args)` (unknown parameters: ConfigError).
+    Also checks the stub's environment (`check_stub_numpy`), since every model starts here."""
+    check_stub_numpy()
     name = args.get("model_name", cls.__name__)
     return from_mapping(cls, config_parameters(args["model_config"]), where=f"model {name} parameters")
 

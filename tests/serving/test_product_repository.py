@@ -236,3 +236,13 @@ def test_shipped_perf_inputs_hold_real_media_and_consistent_tensors() -> None:
     rows, dim = sampler["PROMPT_EMBEDS"]["shape"]
     assert len(sampler["PROMPT_EMBEDS"]["content"]) == rows * dim and dim == 32  # the demo weights' text_dim
     assert ensemble["PROMPT"] == ["A woman smiles and nods."] and sampler["FPS"] == [25, 1]
+
+
+def test_models_refuse_numpy_2_in_the_stub_environment():
+    """Triton 2.51's Python backend stub corrupts BYTES inputs under NumPy 2 (reproduced with a
+    Python 3.12 environment holding numpy 2.5.2): loading must fail with an actionable message."""
+    from flashportrait.serving.settings import check_stub_numpy
+
+    check_stub_numpy("1.26.4")
+    with pytest.raises(RuntimeError, match=r"numpy 2\.5\.2 .*install 'numpy<2'"):
+        check_stub_numpy("2.5.2")
