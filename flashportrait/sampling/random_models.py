@@ -14,12 +14,13 @@ for vector scales), free parameters (embeddings, resampler latents) N(0, 1/last 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from flashportrait.components.config import DeploymentConfig
 from flashportrait.models.clip import CLIPVisionConfig, CLIPVisionTower
 from flashportrait.models.dit_loading import random_dit
 from flashportrait.models.portrait_encoder import PortraitEncoder, PortraitEncoderConfig, ResamplerConfig
@@ -41,23 +42,13 @@ class SamplerSizes:
 
     @classmethod
     def release(cls) -> SamplerSizes:
-        """FlashPortrait on Wan2.1-I2V-14B: the full-size models."""
-        return cls(
-            dit=DiTConfig.wan_i2v_14b(),
-            wan_vae=WanVaeConfig.wan21(),
-            tiny_vae=TinyVaeConfig.taew2_1(),
-            clip=CLIPVisionConfig(
-                image_size=224,
-                patch_size=14,
-                hidden_dim=1280,
-                mlp_ratio=4,
-                num_heads=16,
-                num_layers=32,
-                layers_applied=31,
-                embed_dim=1024,
-            ),
-            portrait_encoder=PortraitEncoderConfig(),
-        )
+        """FlashPortrait on Wan2.1-I2V-14B: the full-size models (`DeploymentConfig.release()`'s)."""
+        return cls.of(DeploymentConfig.release())
+
+    @classmethod
+    def of(cls, config: Any) -> SamplerSizes:
+        """The sampler's part of a deployment config (any object with these fields)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
     @classmethod
     def tiny(cls, width: int = 32) -> SamplerSizes:
