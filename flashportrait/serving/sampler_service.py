@@ -105,10 +105,10 @@ def _random_sampler(settings: SamplerSettings, deployment: Deployment) -> Any:
         dtype=getattr(torch, deployment.dtype),
         decode_chunk_latents=settings.decode_chunk_latents,
     )
-    if deployment.precision == "fp8":
-        from flashportrait.models.fp8_linear import convert_linears_to_fp8
+    if deployment.memory != "resident":
+        from flashportrait.memory import apply_memory_mode
 
-        convert_linears_to_fp8(sampler.dit)
+        apply_memory_mode(sampler, deployment.memory, deployment.device)
     return sampler
 
 
@@ -137,20 +137,24 @@ class SamplerService:
             return
         from flashportrait.components import SAMPLER_PARTS, load_components
         from flashportrait.components.prepared import is_prepared, load_prepared
+        from flashportrait.memory import MemoryMode, apply_memory_mode, load_components_for
         from flashportrait.sampling.sampler import Sampler
 
         load = dict(mode=deployment.mode, device=deployment.device, dtype=getattr(torch, deployment.dtype))
-        if is_prepared(deployment.weights):
-            # A prepared folder holds the fp8 DiT ready-made (prepare_weights --fp8).
-            components = load_prepared(
-                deployment.weights, parts=SAMPLER_PARTS, precision=deployment.precision, **load
+        memory = MemoryMode.parse(deployment.memory)
+        if memory.offloads:
+            # Parts the mode keeps in host memory are read there, the rest straight to the device.
+            components, _ = load_components_for(
+                deployment.weights, memory=memory, parts=SAMPLER_PARTS, **load
             )
+        elif is_prepared(deployment.weights):
+            # A prepared folder holds the fp8 DiT ready-made (prepare_weights --fp8).
+            precision = "fp8" if memory.fp8 else "bf16"
+            components = load_prepared(deployment.weights, parts=SAMPLER_PARTS, precision=precision, **load)
         else:
             components = load_components(deployment.weights, parts=SAMPLER_PARTS, **load)
-            if deployment.precision == "fp8":
-                from flashportrait.models.fp8_linear import convert_linears_to_fp8
-
-                convert_linears_to_fp8(components.dit)
+            if memory.fp8:
+                apply_memory_mode(components, memory, deployment.device)
         self.sampler = Sampler.from_components(
             components, device=deployment.device, decode_chunk_latents=settings.decode_chunk_latents
         )

@@ -15,6 +15,7 @@ back to an environment variable of the server process (which the Python stubs in
 | `device`    | `FLASHPORTRAIT_DEVICE`      | `cuda:<id>` for a KIND_GPU instance, else `cpu`        |
 | `dtype`     | `FLASHPORTRAIT_DTYPE`       | `bfloat16` on a GPU, `float32` on the CPU              |
 | `precision` | `FLASHPORTRAIT_PRECISION`   | `bf16` (`fp8`: the DiT's block linears in float8)      |
+| `memory`    | `FLASHPORTRAIT_MEMORY`      | `resident` (sampler only; `flashportrait.memory` modes) |
 
 Benchmarks only: the sampler's `random_weights` (`FLASHPORTRAIT_RANDOM_WEIGHTS`), `release` or `tiny`,
 builds every sampler model with random weights on its device (`sampling.random_models`) instead of
@@ -40,6 +41,7 @@ DEVICE_ENV = "FLASHPORTRAIT_DEVICE"
 DTYPE_ENV = "FLASHPORTRAIT_DTYPE"
 PRECISION_ENV = "FLASHPORTRAIT_PRECISION"
 RANDOM_WEIGHTS_ENV = "FLASHPORTRAIT_RANDOM_WEIGHTS"
+MEMORY_ENV = "FLASHPORTRAIT_MEMORY"
 
 MODES = ("fast", "quality")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -55,7 +57,9 @@ class Deployment:
 
     weights: the weights folder in the release layout; device: a torch device string ("cpu",
     "cuda:0"); dtype: a torch dtype name; mode: "fast" or "quality"; precision: "bf16" or "fp8";
-    random_weights: "" (load `weights`), or "release"/"tiny": random models of that size (benchmarks).
+    random_weights: "" (load `weights`), or "release"/"tiny": random models of that size (benchmarks);
+    memory: the memory mode's name (`flashportrait.memory.MemoryMode`, fp8 included when `precision`
+    is fp8).
     """
 
     weights: Path
@@ -64,6 +68,7 @@ class Deployment:
     dtype: str
     precision: str
     random_weights: str = ""
+    memory: str = "resident"
 
     @property
     def on_gpu(self) -> bool:
@@ -108,13 +113,16 @@ class TextEncoderSettings:
 class SamplerSettings:
     """`sampler`: the models of `mode`; images above `max_image_pixels` are refused before decoding;
     `decode_chunk_latents` latent frames are decoded per decoder call; `threads`: torch threads
-    (0: torch's default); `random_weights`: benchmarks only (module docstring)."""
+    (0: torch's default); `memory`: a memory mode of `flashportrait.memory` (`resident`, or a
+    '+'-joined combination of fp8, components, blockwise: module docstring there); `random_weights`:
+    benchmarks only (module docstring)."""
 
     weights: str = ""
     mode: str = ""
     device: str = ""
     dtype: str = ""
     precision: str = ""
+    memory: str = ""
     max_image_pixels: int = 4096 * 4096
     decode_chunk_latents: int = 4
     threads: int = 0
@@ -196,4 +204,10 @@ def resolve_deployment(
     precision = _pick(getattr(settings, "precision", ""), PRECISION_ENV, env) or "bf16"
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    return Deployment(Path(weights), mode, device, dtype, precision, random_weights)
+    memory = "resident"
+    if hasattr(settings, "memory"):
+        from flashportrait.memory import MemoryMode
+
+        chosen = MemoryMode.parse(_pick(settings.memory, MEMORY_ENV, env) or "resident")
+        memory = dataclasses.replace(chosen, fp8=chosen.fp8 or precision == "fp8").name
+    return Deployment(Path(weights), mode, device, dtype, precision, random_weights, memory)
