@@ -83,10 +83,14 @@ def python_lib_dirs() -> tuple[Path, ...]:
 
     pyenv and other non-system builds keep it outside the loader's default path.
     """
-    libdir = sysconfig.get_config_var("LIBDIR")
     ldlibrary = sysconfig.get_config_var("LDLIBRARY")
-    if libdir and ldlibrary and (Path(libdir) / ldlibrary).exists():
-        return (Path(libdir),)
+    if not ldlibrary:
+        return ()
+    # LIBDIR is where the build was configured; relocated builds (e.g. a copied or venv-wrapped
+    # Python) keep the library under the installation's base prefix instead.
+    for libdir in (sysconfig.get_config_var("LIBDIR"), str(Path(sys.base_prefix) / "lib")):
+        if libdir and (Path(libdir) / ldlibrary).exists():
+            return (Path(libdir),)
     return ()
 
 
