@@ -22,9 +22,11 @@ class TritonPythonModel:
         deployment = resolve_deployment(settings, args)
         self.service = SamplerService(settings, deployment)
         self.metrics = ModelMetrics.for_model(args, SAMPLER_METRICS)
+        random = deployment.random_weights
+        source = f"RANDOM {random} weights" if random else deployment.weights
         pb_utils.Logger.log_info(
-            f"sampler: {deployment.mode} mode from {deployment.weights} on {deployment.device} "
-            f"({deployment.dtype}, {deployment.precision})"
+            f"sampler: {deployment.mode} mode from {source} on {deployment.device} "
+            f"({deployment.dtype}, memory {deployment.memory})"
         )
 
     def _produce(self, stream: Stream):
