@@ -134,16 +134,20 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], *, where: str | None = N
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-def from_json_file(cls: type[T], path: str | Path) -> T:
-    """Read a JSON object from `path` and build `cls` from it."""
+def read_json(path: str | Path, what: str = "config file") -> Any:
+    """The parsed JSON at `path`; a missing or malformed file is a `ConfigError` naming `what`."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} does not exist") from exc
+        raise ConfigError(f"{what} {path} does not exist") from exc
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
-    return from_mapping(cls, data, where=str(path))
+        raise ConfigError(f"{what} {path} is not valid JSON: {exc}") from exc
+
+
+def from_json_file(cls: type[T], path: str | Path) -> T:
+    """Read a JSON object from `path` and build `cls` from it."""
+    return from_mapping(cls, read_json(path), where=str(path))
 
 
 def to_mapping(config: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from flashportrait.config import ConfigError, from_mapping, to_mapping
+from flashportrait.config import ConfigError, from_mapping, read_json, to_mapping
 from flashportrait.models.clip import VIT_H14, XLM_ROBERTA_LARGE, CLIPVisionConfig, XLMRobertaTowerSpec
 from flashportrait.models.motion_encoder import PD_FGC, MotionEncoderConfig
 from flashportrait.models.portrait_encoder import PortraitEncoderConfig, ResamplerConfig
@@ -157,14 +157,7 @@ class DeploymentConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> DeploymentConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"deployment config {path} does not exist") from exc
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"deployment config {path} is not valid JSON: {exc}") from exc
-        return cls.from_mapping(data, where=str(path))
+        return cls.from_mapping(read_json(path, "deployment config"), where=str(path))
 
     def to_json(self) -> str:
         return json.dumps(to_mapping(self), indent=2, sort_keys=True) + "\n"

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flashportrait.config import ConfigError, from_mapping
+from flashportrait.config import ConfigError, from_mapping, read_json
 from flashportrait.kernels import triton_runs_on
 from flashportrait.models.dit_blocks import (
     CLIP_TOKENS,
@@ -132,14 +132,7 @@ class DiTConfig:
     @classmethod
     def from_json_file(cls, path: str | Path) -> DiTConfig:
         """A release `config.json` (or any JSON of reference constructor arguments)."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"DiT config file {path} does not exist") from exc
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"DiT config file {path} is not valid JSON: {exc}") from exc
-        return cls.from_reference(data, where=str(path))
+        return cls.from_reference(read_json(path, "DiT config file"), where=str(path))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
