@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from flashportrait.config import from_mapping
-from flashportrait.golden import Comparison, GoldenCase, compare, compare_exact
+from flashportrait.golden import Comparison, GoldenCase, compare
+from flashportrait.golden.kinds.vae_common import config_and_stated_checks
 from flashportrait.models.decoding import decode_all
-from flashportrait.models.wan_vae import LATENTS_MEAN, LATENTS_STD, WanVaeConfig, load_wan_vae
+from flashportrait.models.wan_vae import WanVaeConfig, load_wan_vae
 
 # Derived quantities the case states for the reader; checked, not configured.
 _DERIVED = ("spatial_factor", "temporal_factor")
@@ -22,16 +22,7 @@ _LOGVAR_RANGE = (-30.0, 20.0)
 
 
 def run(case: GoldenCase) -> list[Comparison]:
-    neutral = case.config["neutral"]
-    config = from_mapping(WanVaeConfig, {k: v for k, v in neutral.items() if k not in _DERIVED})
-    results: list[Comparison] = []
-    for name in _DERIVED:
-        if name in neutral:
-            results.append(compare_exact(name, getattr(config, name), int(neutral[name])))
-    for name, values in (("latents_mean", LATENTS_MEAN), ("latents_std", LATENTS_STD)):
-        if case.has(f"const/{name}"):
-            ours = torch.tensor(values, dtype=torch.float32)
-            results.append(compare_exact(name, ours, case.tensor(f"const/{name}")))
+    config, results = config_and_stated_checks(case, WanVaeConfig, _DERIVED)
 
     vae = load_wan_vae(case.params(), config, dtype=torch.float32, device="cpu")
 
